@@ -1,0 +1,94 @@
+"""python -m lora_sweep +sweep=rank [overrides]      run (or resume) a sweep
+python -m lora_sweep report +sweep=rank              rebuild reports/rank/ from stored results
+
+Reads as the data flow: compose (Hydra) -> validate (config.py) -> sweep or report.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+log = logging.getLogger("lora_sweep")
+
+
+def main() -> None:
+    sys.argv = [sys.argv[0], *normalise_argv(sys.argv[1:])]
+    _hydra_entry()
+
+
+def normalise_argv(args: list[str]) -> list[str]:
+    """`report` as a verb -> mode=report; `sweep=X` -> `+sweep=X` (the sweep group is optional, so
+    Hydra wants the +; both spellings work)."""
+    out = []
+    for a in args:
+        if a == "report":
+            out.append("mode=report")
+        elif a.startswith("sweep="):
+            out.append("+" + a)
+        else:
+            out.append(a)
+    return out
+
+
+def quiet_third_party() -> None:
+    """Keep our progress lines readable: library chatter a user does not need goes."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("BITSANDBYTES_NOWELCOME", "1")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(logging.INFO)
+    for noisy in ("transformers", "datasets", "peft", "mlflow", "alembic", "urllib3", "bitsandbytes"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import optuna
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines report each trial
+
+
+def run(cfg) -> int:
+    from lora_sweep.config import ConfigError, from_dictconfig
+
+    quiet_third_party()
+    try:
+        config = from_dictconfig(cfg)
+        if config.mode == "report":
+            from lora_sweep import report
+            from lora_sweep.study import load_study
+
+            report.check_exists(config)
+            study = load_study(config)
+            path = report.write_report(config, study)
+            print(report.summary(config, study))
+            log.info("Wrote %s", path)
+            return 0
+        from lora_sweep.sweep import run_sweep
+
+        run_sweep(config)
+        return 0
+    except ConfigError as e:
+        print(f"lora-sweep: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _hydra_entry() -> None:
+    import hydra
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+    def entry(cfg) -> None:
+        code = run(cfg)
+        if code:
+            sys.exit(code)
+
+    entry()
+
+
+if __name__ == "__main__":
+    main()

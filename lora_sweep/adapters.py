@@ -1,0 +1,122 @@
+"""LoRA adapters: target-module presets resolved per architecture, LoraConfig, peft's counts."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from lora_sweep.config import ConfigError, LoraSettings
+
+# Roles by the last part of a module's name, across BERT, DistilBERT, LLaMA/Mistral/Qwen, T5, GPT-2.
+_ROLES = {
+    "q": ("query", "q_lin", "q_proj", "q"),
+    "k": ("key", "k_lin", "k_proj", "k"),
+    "v": ("value", "v_lin", "v_proj", "v"),
+    "o": ("out_lin", "o_proj", "out_proj", "o", "attention.output.dense", "attn.c_proj"),
+    "mlp": ("intermediate.dense", "output.dense", "lin1", "lin2", "gate_proj", "up_proj", "down_proj",
+            "fc1", "fc2", "wi", "wo", "wi_0", "wi_1", "mlp.c_fc", "mlp.c_proj"),
+}
+PRESETS = {
+    "query": ("q",),
+    "qv": ("q", "v"),
+    "qkv": ("q", "k", "v"),
+    "qkvo": ("q", "k", "v", "o"),
+    "mlp": ("mlp",),
+    "all-linear": None,  # every Linear layer but the task head
+}
+# Task heads: trained in full through peft's modules_to_save, never given LoRA.
+_HEADS = ("classifier", "score", "pre_classifier", "lm_head", "qa_outputs")
+_LAYER = re.compile(r"\.\d+\.(.+)$")
+
+
+def linear_modules(model: nn.Module) -> dict[str, str]:
+    """Full name -> name within its transformer block, for every Linear layer outside the head."""
+    from transformers.pytorch_utils import Conv1D
+
+    linear_types = (nn.Linear, Conv1D)
+    try:
+        import bitsandbytes as bnb  # noqa: F401  (only present for QLoRA)
+
+        linear_types += (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    except ImportError:
+        pass
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, linear_types) and name.split(".")[0] not in _HEADS:
+            m = _LAYER.search(name)
+            out[name] = m.group(1) if m else name
+    return out
+
+
+def _role(relative: str) -> str | None:
+    # Longest, most specific patterns first: "attention.output.dense" before "output.dense".
+    for role, patterns in sorted(_ROLES.items(), key=lambda kv: kv[0] != "o"):
+        for p in patterns:
+            if relative == p or relative.endswith("." + p):
+                return role
+    return None
+
+
+@dataclass(frozen=True)
+class Targets:
+    modules: tuple[str, ...]   # passed to peft: full module names (exact matches)
+    names: tuple[str, ...]     # distinct names within a block, for humans and MLflow params
+
+
+def resolve_targets(target_modules, model: nn.Module) -> Targets:
+    """A preset or list of names -> the model's actual modules; a clear error if none match."""
+    linears = linear_modules(model)
+    kind = type(model).__name__
+    available = sorted(set(linears.values()))
+    if isinstance(target_modules, str) and target_modules in PRESETS:
+        roles = PRESETS[target_modules]
+        chosen = [n for n, rel in linears.items() if roles is None or _role(rel) in roles]
+        if not chosen:
+            raise ConfigError(
+                f"lora.target_modules={target_modules!r} found no matching layers in {kind}. Its Linear "
+                f"modules are: {', '.join(available)}. Give lora.target_modules as a list of these names.")
+    else:
+        wanted = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
+        chosen = []
+        for w in wanted:
+            hits = [n for n in linears if n == w or n.endswith("." + w)]
+            if not hits:
+                raise ConfigError(
+                    f"lora.target_modules: {w!r} is not a Linear module of {kind}. Its Linear modules are: "
+                    f"{', '.join(available)}; presets: {', '.join(PRESETS)}.")
+            chosen += [h for h in hits if h not in chosen]
+    names = tuple(dict.fromkeys(linears[n] for n in chosen))
+    return Targets(modules=tuple(chosen), names=names)
+
+
+def lora_config(settings: LoraSettings, targets: Targets):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.effective_alpha,
+        target_modules=list(targets.modules),
+        lora_dropout=settings.lora_dropout,
+        bias=settings.bias,
+        use_rslora=settings.use_rslora,
+        use_dora=settings.use_dora,
+        init_lora_weights=settings.init_lora_weights,
+        task_type=settings.task_type,
+    )
+
+
+def apply_lora(model: nn.Module, settings: LoraSettings, *, quantized: bool = False):
+    """Wrap `model` with a LoRA adapter; returns (peft model, Targets)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    targets = resolve_targets(settings.target_modules, model)
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return get_peft_model(model, lora_config(settings, targets)), targets
+
+
+def parameter_counts(peft_model) -> tuple[int, int]:
+    """(trainable, total) as peft counts them: 4-bit packed weights count at their real size."""
+    return peft_model.get_nb_trainable_parameters()

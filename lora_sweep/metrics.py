@@ -1,0 +1,98 @@
+"""What a trial measures besides the model's own metrics: peak memory, sizes, classification scores.
+
+Memory is reported as what it is:
+- CUDA: torch.cuda.max_memory_allocated over the trial, counters reset at its start (exact).
+- CPU: the process's peak resident set size above its size at the trial's start, sampled every
+  10 ms by a thread (a lower bound of the true peak). Freed heap is handed back to the OS between
+  trials (malloc_trim) so a later trial's figure does not hide inside memory an earlier one grew.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import threading
+from pathlib import Path
+
+import numpy as np
+
+MEMORY_KINDS = {
+    "cuda": "cuda_max_allocated",
+    "cpu": "cpu_peak_rss_above_trial_start_sampled",
+}
+
+
+def release_memory() -> None:
+    """Give memory back after a trial (Python objects, CUDA cache, glibc heap)."""
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
+
+
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+class PeakMemory:
+    """with PeakMemory(device) as m: ...  ->  m.peak_mb, m.kind"""
+
+    def __init__(self, device: str, interval_s: float = 0.01):
+        self.device = device
+        self.kind = MEMORY_KINDS["cuda" if device == "cuda" else "cpu"]
+        self.interval_s = interval_s
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "PeakMemory":
+        release_memory()
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self._start = rss_mb()
+            self._peak = self._start
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._peak = max(self._peak, rss_mb())
+
+    def read(self) -> float:
+        if self.device == "cuda":
+            import torch
+
+            return torch.cuda.max_memory_allocated() / 2**20
+        return max(self._peak, rss_mb()) - self._start
+
+    def __exit__(self, *exc) -> None:
+        self.peak_mb = self.read()
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    preds = np.asarray(logits).argmax(-1)
+    return {"accuracy": float(accuracy_score(labels, preds)),
+            "f1": float(f1_score(labels, preds, average="macro"))}
+
+
+def dir_size_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20

@@ -1,0 +1,196 @@
+"""One trial: settings -> LoRA model -> training -> measured result, recorded in Optuna and MLflow.
+
+A trial that raises is recorded (Optuna FAIL, MLflow FAILED, the error as a tag) and the sweep goes
+on; Optuna's TrialPruned is recorded as pruned with the epoch it stopped at.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import optuna
+
+from lora_sweep import adapters, data, models
+from lora_sweep.config import Config, TrialSettings
+from lora_sweep.metrics import PeakMemory, release_memory
+from lora_sweep.search_space import Point, SearchSpace
+from lora_sweep.train import train
+
+log = logging.getLogger("lora_sweep")
+
+# What the report and the objective read from a finished trial (Optuna user attrs, MLflow metrics).
+RESULT_KEYS = ("eval_accuracy", "eval_loss", "eval_f1", "train_loss", "trainable_params", "total_params",
+               "trainable_pct", "peak_memory_mb", "epoch_time_s", "adapter_size_mb", "train_seconds")
+
+
+@dataclass
+class TrialResult:
+    metrics: dict = field(default_factory=dict)      # RESULT_KEYS
+    epochs: list[dict] = field(default_factory=list)
+    target_modules: tuple = ()
+    memory_kind: str = ""
+    adapter_dir: Path | None = None
+
+
+def run_trial(settings: TrialSettings, device: str, on_epoch: Callable[[int, dict], None],
+              adapter_dir: Path | None = None) -> TrialResult:
+    """Fine-tune one LoRA configuration and measure it. Pure of Optuna/MLflow: usable alone."""
+    from transformers import set_seed
+
+    base = models.load_base(settings.model, _labels(settings), settings.train.seed)
+    splits = data.tokenized(settings.data, base.tokenizer, tokenizer_key=settings.model.name_or_path)
+    model = peft_model = None
+    try:
+        with PeakMemory(device) as memory:
+            model = models.fresh_copy(base)
+            set_seed(settings.train.seed)  # same LoRA init and batch order wherever the trial runs
+            peft_model, targets = adapters.apply_lora(model, settings.lora,
+                                                      quantized=settings.model.load_in_4bit)
+            trainable, total = adapters.parameter_counts(peft_model)
+            t0 = time.perf_counter()
+            outcome = train(peft_model, base.tokenizer, splits.train, splits.eval, settings.train, device,
+                            on_epoch)
+            wall = time.perf_counter() - t0
+        result = TrialResult(epochs=outcome.epochs, target_modules=targets.names, memory_kind=memory.kind)
+        result.metrics = {
+            **outcome.final,
+            "train_loss": outcome.train_loss,
+            "trainable_params": trainable,
+            "total_params": total,
+            "trainable_pct": 100.0 * trainable / total,
+            "peak_memory_mb": memory.peak_mb,
+            "epoch_time_s": outcome.epoch_time_s,
+            "train_seconds": wall - outcome.eval_seconds,
+        }
+        if adapter_dir is not None:
+            peft_model.save_pretrained(adapter_dir)
+            weights = next(adapter_dir.glob("adapter_model.*"))
+            result.metrics["adapter_size_mb"] = weights.stat().st_size / 2**20
+            result.adapter_dir = adapter_dir
+        return result
+    finally:
+        del model, peft_model
+        if settings.model.load_in_4bit:
+            del base
+        release_memory()
+
+
+def _target_names(settings: TrialSettings) -> tuple:
+    """The module names a preset resolves to, from the cached base model (quantized bases are not
+    cached, and loading one just to name its modules would double the trial's load time)."""
+    if settings.model.load_in_4bit:
+        return ()
+    base = models.load_base(settings.model, _labels(settings), settings.train.seed)
+    return adapters.resolve_targets(settings.lora.target_modules, base.model).names
+
+
+def _labels(settings: TrialSettings) -> tuple:
+    return data.load_splits(settings.data).labels
+
+
+def mlflow_params(settings: TrialSettings, targets: tuple) -> dict:
+    """Params under the names LoraConfig / TrainingArguments give them."""
+    lora, tr = settings.lora, settings.train
+    return {
+        "r": lora.r, "lora_alpha": lora.effective_alpha, "target_modules": list(targets) or lora.target_modules,
+        "target_modules_preset": lora.target_modules if isinstance(lora.target_modules, str) else "list",
+        "lora_dropout": lora.lora_dropout, "bias": lora.bias, "use_rslora": lora.use_rslora,
+        "use_dora": lora.use_dora, "init_lora_weights": lora.init_lora_weights, "task_type": lora.task_type,
+        "learning_rate": tr.learning_rate, "weight_decay": tr.weight_decay,
+        "gradient_accumulation_steps": tr.gradient_accumulation_steps, "num_train_epochs": tr.num_train_epochs,
+        "per_device_train_batch_size": tr.per_device_train_batch_size, "seed": tr.seed,
+        "lr_scheduler_type": tr.lr_scheduler_type, "warmup_steps": tr.warmup_steps,
+        "train_sampling_strategy": tr.train_sampling_strategy,
+        "model_name_or_path": settings.model.name_or_path, "load_in_4bit": settings.model.load_in_4bit,
+        "dataset": settings.data.name_or_path, "train_size": settings.data.train_size,
+        "eval_size": settings.data.eval_size, "max_length": settings.data.max_length,
+    }
+
+
+class Objective:
+    """Optuna objective: sample a point, run it, record it (Optuna user attrs + an MLflow child run)."""
+
+    def __init__(self, config: Config, space: SearchSpace, tracker, parent_run_id: str, device: str,
+                 base_tags: dict, planned: int):
+        self.config = config
+        self.space = space
+        self.tracker = tracker
+        self.parent_run_id = parent_run_id
+        self.device = device
+        self.base_tags = base_tags
+        self.planned = planned
+        self.started = 0
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        point = self.space.suggest(trial)
+        self.started += 1
+        tag = f"[{self.started}/{self.planned}] trial {trial.number} ({point.label})"
+        trial.set_user_attr("label", point.label)
+        trial.set_user_attr("device", self.device)
+        preview = _target_names(point.settings)
+        params = mlflow_params(point.settings, preview)
+        trial.set_user_attr("params", {k: _jsonable(v) for k, v in params.items()})
+        run_id = self.tracker.start_trial(self.parent_run_id, _run_name(trial.number, point), params, {
+            **self.base_tags, "optuna_trial_number": trial.number, "label": point.label, "status": "running"})
+        trial.set_user_attr("mlflow_run_id", run_id)
+        log.info("%s: r=%s lora_alpha=%s target_modules=%s lora_dropout=%s bias=%s", tag, point.settings.lora.r,
+                 point.settings.lora.effective_alpha, ",".join(preview) or point.settings.lora.target_modules,
+                 point.settings.lora.lora_dropout, point.settings.lora.bias)
+        epochs = point.settings.train.num_train_epochs
+
+        def on_epoch(epoch: int, metrics: dict) -> None:
+            self.tracker.log_metrics(run_id, metrics, step=epoch)
+            log.info("%s epoch %d/%d: %s", tag, epoch, epochs,
+                     "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            value = metrics.get(self.config.study.metric)
+            if value is not None:
+                trial.report(value, step=epoch)
+                if trial.should_prune():
+                    trial.set_user_attr("pruned_at_epoch", epoch)
+                    raise optuna.TrialPruned(f"pruned after epoch {epoch}: {self.config.study.metric}={value:.4f}")
+
+        try:
+            with tempfile.TemporaryDirectory(prefix="lora-sweep-adapter-") as tmp:
+                save = self.config.tracking.log_artifacts and point.settings.train.save_adapter
+                result = run_trial(point.settings, self.device, on_epoch, Path(tmp) / "adapter" if save else None)
+                if result.adapter_dir is not None:
+                    self.tracker.log_artifacts(run_id, result.adapter_dir, "adapter")
+        except optuna.TrialPruned as e:
+            self.tracker.set_tags(run_id, {"status": "pruned", "pruned_at_epoch": trial.user_attrs.get(
+                "pruned_at_epoch", ""), "reason": str(e)})
+            self.tracker.finish_trial(run_id, "pruned")
+            log.info("%s pruned: %s", tag, e)
+            raise
+        except BaseException as e:  # KeyboardInterrupt too: the run must not stay RUNNING
+            error = f"{type(e).__name__}: {e}"
+            trial.set_user_attr("error", error)
+            self.tracker.set_tags(run_id, {"status": "failed", "error": error})
+            self.tracker.finish_trial(run_id, "failed")
+            log.warning("%s failed: %s", tag, error)
+            raise
+        final = {k: result.metrics[k] for k in RESULT_KEYS if k in result.metrics}
+        for k, v in final.items():
+            trial.set_user_attr(k, v)
+        trial.set_user_attr("epochs", result.epochs)
+        trial.set_user_attr("memory_kind", result.memory_kind)
+        self.tracker.log_metrics(run_id, final, step=len(result.epochs))
+        self.tracker.set_tags(run_id, {"status": "complete", "memory_kind": result.memory_kind})
+        self.tracker.finish_trial(run_id, "complete")
+        m = result.metrics
+        log.info("%s done: eval_accuracy=%.4f  trainable=%s (%.2f%%)  peak_memory=%.0f MB  %.1f s/epoch", tag,
+                 m.get("eval_accuracy", float("nan")), f"{m['trainable_params']:,}", m["trainable_pct"],
+                 m["peak_memory_mb"], m["epoch_time_s"])
+        return m[self.config.study.metric]
+
+
+def _run_name(number: int, point: Point) -> str:
+    return f"trial-{number} {point.label}"
+
+
+def _jsonable(v):
+    return list(v) if isinstance(v, tuple) else v

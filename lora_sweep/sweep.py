@@ -1,0 +1,116 @@
+"""A sweep, start to end: validate everything -> study -> trials -> report.
+
+Nothing is written (no study database, no MLflow run, no report) until every point the space can
+produce has been validated against the real model and data: a typo fails in seconds, not after
+the first trial.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import sys
+
+import optuna
+
+from lora_sweep import adapters, data, environment, models, report
+from lora_sweep.config import Config, ConfigError
+from lora_sweep.objective import Objective
+from lora_sweep.search_space import SearchSpace
+from lora_sweep.study import create_study, sampler_name, trials_to_run
+
+log = logging.getLogger("lora_sweep")
+
+
+def preflight(config: Config, space: SearchSpace) -> str:
+    """Validate every corner of the space; returns the device trials will use."""
+    device = models.resolve_device(config.base.train.device)
+    points = space.corner_points()
+    for point in points:
+        try:
+            point.settings.validate()
+        except ConfigError as e:
+            where = f" (in the search space, at {dict(point.values)})" if point.values else ""
+            raise ConfigError(f"{e}{where}") from None
+    for point in points:
+        s = point.settings
+        labels = data.load_splits(s.data).labels
+        if s.model.load_in_4bit:
+            continue  # needs CUDA; on a CPU the trial itself records why it cannot run
+        base = models.load_base(s.model, labels, s.train.seed)
+        adapters.resolve_targets(s.lora.target_modules, base.model)
+    return device
+
+
+def run_sweep(config: Config) -> optuna.Study:
+    space = SearchSpace(config)
+    sampler = sampler_name(config, space)
+    log.info("Sweep %r: %s sampler over %s", config.study.name, sampler,
+             ", ".join(f"{k}={v}" for k, v in config.space.items()) or "the base configuration")
+    device = preflight(config, space)
+
+    study = create_study(config, space)
+    _log_to_file(config)
+    n = trials_to_run(config, space, study)
+    if n == 0:
+        log.info("Sweep %r is complete (%d trials done); nothing to run. Delete %s to start over.",
+                 config.study.name, len(study.trials), config.study_dir)
+        report.write_report(config, study)
+        return study
+
+    from lora_sweep.tracking import Tracker
+
+    tracker = Tracker(config.tracking_uri, config.experiment_name, config.paths.sweeps_dir / "mlartifacts")
+    meta = _meta(config, sampler, device)
+    if "meta" not in study.user_attrs:
+        study.set_user_attr("meta", meta)
+    parent = tracker.parent_run(study, f"sweep {config.study.name}", {
+        "study_name": config.study.name, "sampler": sampler, "device": meta["device"],
+        "git_commit": meta["git_commit"]})
+    log.info("Device: %s. Running %d trial(s); MLflow experiment %r at %s", meta["device"], n,
+             config.experiment_name, config.tracking_uri)
+    tags = {"study_name": config.study.name, "device": meta["device"], "git_commit": meta["git_commit"],
+            **{f"version.{k}": v for k, v in meta["versions"].items()}}
+    objective = Objective(config, space, tracker, parent, device, tags, planned=n)
+    status = "FINISHED"
+    try:
+        study.optimize(objective, n_trials=n, timeout=config.study.timeout, catch=(Exception,))
+    except BaseException:
+        status = "KILLED"
+        raise
+    finally:
+        path = report.write_report(config, study)
+        if path is not None:
+            tracker.log_artifact(parent, path)
+            tracker.finish_parent(parent, status, description=path.read_text())
+        else:
+            tracker.finish_parent(parent, status)
+    print(report.summary(config, study), flush=True)
+    return study
+
+
+def _meta(config: Config, sampler: str, device: str) -> dict:
+    return {
+        "model": config.base.model.name_or_path,
+        "data": config.base.data.name_or_path,
+        "train_size": config.base.data.train_size,
+        "eval_size": config.base.data.eval_size,
+        "max_length": config.base.data.max_length,
+        "labels": list(data.load_splits(config.base.data).labels),
+        "device": environment.device_description(device),
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "sampler": sampler,
+        "space": dict(config.space),
+        "command": "python -m lora_sweep " + " ".join(sys.argv[1:]),
+        "versions": environment.versions(),
+        "git_commit": environment.git_commit(),
+        "tracking_uri": config.tracking_uri,
+        "experiment_name": config.experiment_name,
+    }
+
+
+def _log_to_file(config: Config) -> None:
+    config.study_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(config.study_dir / "sweep.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("lora_sweep").addHandler(handler)

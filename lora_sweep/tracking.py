@@ -1,0 +1,109 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+One experiment per sweep, one parent run per sweep (reused when the sweep resumes), one nested
+child run per Optuna trial. The explicit MlflowClient (rather than mlflow's fluent, process-global
+active run) keeps parent and child runs straight when trials fail or resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+log = logging.getLogger(__name__)
+
+PARENT_ATTR = "mlflow_parent_run_id"
+# MLflow run statuses for our trial outcomes.
+STATUS = {"complete": "FINISHED", "failed": "FAILED", "pruned": "KILLED"}
+
+
+class Tracker:
+    def __init__(self, uri: str, experiment_name: str, artifact_dir: Path | None = None):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        for name in ("mlflow", "alembic"):  # schema migrations and store chatter
+            logging.getLogger(name).setLevel(logging.WARNING)
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        self._mlflow = mlflow
+        experiment = self.client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            location = artifact_dir.resolve().as_uri() if artifact_dir is not None and _is_local(uri) else None
+            self.experiment_id = self.client.create_experiment(experiment_name, artifact_location=location)
+        else:
+            self.experiment_id = experiment.experiment_id
+        self.experiment_name = experiment_name
+
+    # -- parent run -------------------------------------------------------------------------
+    def parent_run(self, study, name: str, tags: Mapping[str, str]) -> str:
+        """The sweep's parent run: created once, stored on the study, reopened on resume."""
+        run_id = study.user_attrs.get(PARENT_ATTR)
+        if run_id is not None:
+            try:
+                self.client.update_run(run_id, status="RUNNING")
+                return run_id
+            except Exception:  # deleted by hand, or another tracking store: start a new one
+                log.warning("MLflow parent run %s not found in %s; starting a new one", run_id, self.uri)
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=dict(tags))
+        study.set_user_attr(PARENT_ATTR, run.info.run_id)
+        return run.info.run_id
+
+    def finish_parent(self, run_id: str, status: str = "FINISHED", description: str | None = None) -> None:
+        if description is not None:
+            self.client.set_tag(run_id, "mlflow.note.content", description)
+        self.client.set_terminated(run_id, status=status)
+
+    # -- child runs -------------------------------------------------------------------------
+    def start_trial(self, parent_id: str, name: str, params: Mapping[str, Any],
+                    tags: Mapping[str, str]) -> str:
+        from mlflow.entities import Param, RunTag
+
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={"mlflow.parentRunId": parent_id, **tags})
+        self.client.log_batch(run.info.run_id,
+                              params=[Param(k, _param(v)) for k, v in params.items()],
+                              tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        return run.info.run_id
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
+                 if v is not None and math.isfinite(float(v))]
+        if batch:
+            self.client.log_batch(run_id, metrics=batch)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+    def log_artifacts(self, run_id: str, local_dir: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+
+    def log_artifact(self, run_id: str, path: Path) -> None:
+        self.client.log_artifact(run_id, str(path))
+
+    def finish_trial(self, run_id: str, outcome: str) -> None:
+        self.client.set_terminated(run_id, status=STATUS[outcome])
+
+    # -- reading back -----------------------------------------------------------------------
+    def child_runs(self, parent_id: str):
+        return self.client.search_runs([self.experiment_id],
+                                       filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+                                       max_results=10_000)
+
+
+def _is_local(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
+
+
+def _param(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)

@@ -1,0 +1,127 @@
+"""One fine-tuning run with transformers' Trainer, evaluated every epoch.
+
+A callback times each epoch's training alone (on_epoch_begin -> on_epoch_end; the Trainer runs
+evaluation after on_epoch_end), stops on a non-finite loss, and hands each epoch's eval metrics to
+the caller, which reports them to Optuna (pruning) and MLflow.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from transformers import (
+    DataCollatorWithPadding,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from lora_sweep.config import TrainConfig
+from lora_sweep.metrics import classification_metrics
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    epochs: list[dict] = field(default_factory=list)   # eval metrics per epoch (eval_accuracy, ...)
+    epoch_times: list[float] = field(default_factory=list)
+    eval_seconds: float = 0.0
+    train_loss: float = float("nan")
+
+    @property
+    def epoch_time_s(self) -> float:
+        return sum(self.epoch_times) / len(self.epoch_times) if self.epoch_times else float("nan")
+
+    @property
+    def final(self) -> dict:
+        return self.epochs[-1] if self.epochs else {}
+
+
+class _TrialCallback(TrainerCallback):
+    def __init__(self, result: TrainResult, on_epoch: Callable[[int, dict], None]):
+        self.result = result
+        self.on_epoch = on_epoch
+        self._t0 = 0.0
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self._t0 = time.perf_counter()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.result.epoch_times.append(time.perf_counter() - self._t0)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise NonFiniteLoss(f"training loss became {loss} at step {state.global_step} "
+                                f"(epoch {state.epoch:.2f}); lower train.learning_rate or check the data.")
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        metrics = dict(metrics or {})
+        self.result.eval_seconds += metrics.get("eval_runtime", 0.0)
+        epoch = len(self.result.epochs) + 1
+        row = {k: float(v) for k, v in metrics.items()
+               if k in ("eval_accuracy", "eval_loss", "eval_f1")}
+        self.result.epochs.append(row)
+        self.on_epoch(epoch, row)  # may raise optuna.TrialPruned: it ends training here
+
+
+def mixed_precision(settings: TrainConfig, device: str) -> dict:
+    mode = settings.mixed_precision
+    if mode == "auto":
+        mode = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    if mode != "no" and device != "cuda":
+        mode = "no"  # fp16/bf16 autocast on these CPUs is slower than fp32; keep CPU runs comparable
+    return {"bf16": mode == "bf16", "fp16": mode == "fp16"}
+
+
+def train(model, tokenizer, train_set, eval_set, settings: TrainConfig, device: str,
+          on_epoch: Callable[[int, dict], None]) -> TrainResult:
+    result = TrainResult()
+    with tempfile.TemporaryDirectory(prefix="lora-sweep-") as out:
+        args = TrainingArguments(
+            output_dir=out,
+            learning_rate=settings.learning_rate,
+            weight_decay=settings.weight_decay,
+            gradient_accumulation_steps=settings.gradient_accumulation_steps,
+            num_train_epochs=settings.num_train_epochs,
+            per_device_train_batch_size=settings.per_device_train_batch_size,
+            per_device_eval_batch_size=settings.per_device_eval_batch_size,
+            warmup_steps=settings.warmup_steps,
+            lr_scheduler_type=settings.lr_scheduler_type,
+            max_grad_norm=settings.max_grad_norm,
+            train_sampling_strategy=settings.train_sampling_strategy,
+            seed=settings.seed,
+            use_cpu=device == "cpu",
+            eval_strategy="epoch",
+            save_strategy="no",
+            logging_strategy="steps",
+            logging_steps=10,
+            report_to="none",
+            disable_tqdm=True,
+            dataloader_pin_memory=device == "cuda",
+            **mixed_precision(settings, device),
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=train_set,
+            eval_dataset=eval_set,
+            data_collator=DataCollatorWithPadding(tokenizer),
+            compute_metrics=lambda p: classification_metrics(p.predictions, p.label_ids),
+            callbacks=[_TrialCallback(result, on_epoch)],
+        )
+        trainer.remove_callback(PrinterCallback)  # our own progress lines replace its dict dumps
+        output = trainer.train()
+        result.train_loss = float(output.training_loss)
+        if not math.isfinite(result.train_loss):
+            raise NonFiniteLoss(f"mean training loss is {result.train_loss}; lower train.learning_rate.")
+    return result
