@@ -31,6 +31,7 @@ PRUNERS: dict[str, Callable[[], optuna.pruners.BasePruner]] = {
 DEFAULT_N_TRIALS = 20
 # Trials in these states hold their grid point: a resumed grid skips them. Failed ones are retried.
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
+PENDING = (TrialState.WAITING, TrialState.RUNNING)
 
 
 def sampler_name(config: Config, space: SearchSpace) -> str:
@@ -74,6 +75,22 @@ def trials_to_run(config: Config, space: SearchSpace, study: optuna.Study) -> in
     else:
         budget = config.study.n_trials or DEFAULT_N_TRIALS
     return max(0, budget - done)
+
+
+def resume(config: Config, space: SearchSpace, study: optuna.Study) -> int:
+    """Prepare a (re)started sweep; returns how many trials to start. GridSampler counts a failed
+    point as visited, so failed grid points with no finished retry are queued again explicitly."""
+    if sampler_name(config, space) == "grid":
+        def key(params: dict) -> tuple:
+            return tuple(sorted(params.items()))
+
+        done = {key(t.params) for t in study.get_trials(deepcopy=False, states=DONE)}
+        queued = {key(t.params) for t in study.get_trials(deepcopy=False, states=PENDING)}
+        for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+            if t.params and key(t.params) not in done | queued:
+                study.enqueue_trial(t.params)
+                queued.add(key(t.params))
+    return trials_to_run(config, space, study)
 
 
 def load_study(config: Config) -> optuna.Study:

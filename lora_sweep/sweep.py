@@ -17,7 +17,7 @@ from lora_sweep import adapters, data, environment, models, report
 from lora_sweep.config import Config, ConfigError
 from lora_sweep.objective import Objective
 from lora_sweep.search_space import SearchSpace
-from lora_sweep.study import create_study, sampler_name, trials_to_run
+from lora_sweep.study import create_study, resume, sampler_name
 
 log = logging.getLogger("lora_sweep")
 
@@ -51,7 +51,7 @@ def run_sweep(config: Config) -> optuna.Study:
 
     study = create_study(config, space)
     _log_to_file(config)
-    n = trials_to_run(config, space, study)
+    n = resume(config, space, study)
     if n == 0:
         log.info("Sweep %r is complete (%d trials done); nothing to run. Delete %s to start over.",
                  config.study.name, len(study.trials), config.study_dir)

