@@ -25,7 +25,7 @@ log = logging.getLogger("lora_sweep")
 
 # What the report and the objective read from a finished trial (Optuna user attrs, MLflow metrics).
 RESULT_KEYS = ("eval_accuracy", "eval_loss", "eval_f1", "train_loss", "trainable_params", "total_params",
-               "trainable_pct", "peak_memory_mb", "epoch_time_s", "adapter_size_mb", "train_seconds")
+               "trainable_pct", "peak_memory_mb", "epoch_time_s", "adapter_size_mb", "train_seconds", "eval_seconds")
 
 
 @dataclass
@@ -35,6 +35,7 @@ class TrialResult:
     target_modules: tuple = ()
     memory_kind: str = ""
     adapter_dir: Path | None = None
+    batch_shapes: dict = field(default_factory=dict)
 
 
 def run_trial(settings: TrialSettings, device: str, on_epoch: Callable[[int, dict], None],
@@ -56,7 +57,8 @@ def run_trial(settings: TrialSettings, device: str, on_epoch: Callable[[int, dic
             outcome = train(peft_model, base.tokenizer, splits.train, splits.eval, settings.train, device,
                             on_epoch)
             wall = time.perf_counter() - t0
-        result = TrialResult(epochs=outcome.epochs, target_modules=targets.names, memory_kind=memory.kind)
+        result = TrialResult(epochs=outcome.epochs, target_modules=targets.names, memory_kind=memory.kind,
+                             batch_shapes=outcome.batch_shapes)
         result.metrics = {
             **outcome.final,
             "train_loss": outcome.train_loss,
@@ -66,6 +68,7 @@ def run_trial(settings: TrialSettings, device: str, on_epoch: Callable[[int, dic
             "peak_memory_mb": memory.peak_mb,
             "epoch_time_s": outcome.epoch_time_s,
             "train_seconds": wall - outcome.eval_seconds,
+            "eval_seconds": outcome.eval_seconds,
         }
         if adapter_dir is not None:
             peft_model.save_pretrained(adapter_dir)
@@ -178,6 +181,7 @@ class Objective:
             trial.set_user_attr(k, v)
         trial.set_user_attr("epochs", result.epochs)
         trial.set_user_attr("memory_kind", result.memory_kind)
+        trial.set_user_attr("batch_shapes", result.batch_shapes)
         self.tracker.log_metrics(run_id, final, step=len(result.epochs))
         self.tracker.set_tags(run_id, {"status": "complete", "memory_kind": result.memory_kind})
         self.tracker.finish_trial(run_id, "complete")

@@ -36,6 +36,9 @@ class TrainResult:
     epoch_times: list[float] = field(default_factory=list)
     eval_seconds: float = 0.0
     train_loss: float = float("nan")
+    # "BxL" -> number of training batches of that padded shape: what was computed, for FLOP counts
+    # and padding statistics (lora_sweep.bench).
+    batch_shapes: dict[str, int] = field(default_factory=dict)
 
     @property
     def epoch_time_s(self) -> float:
@@ -50,13 +53,16 @@ class _TrialCallback(TrainerCallback):
     def __init__(self, result: TrainResult, on_epoch: Callable[[int, dict], None]):
         self.result = result
         self.on_epoch = on_epoch
+        self.training = False
         self._t0 = 0.0
 
     def on_epoch_begin(self, args, state, control, **kwargs):
+        self.training = True
         self._t0 = time.perf_counter()
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self.result.epoch_times.append(time.perf_counter() - self._t0)
+        self.training = False  # the Trainer evaluates after on_epoch_end
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         loss = (logs or {}).get("loss")
@@ -74,18 +80,37 @@ class _TrialCallback(TrainerCallback):
         self.on_epoch(epoch, row)  # may raise optuna.TrialPruned: it ends training here
 
 
+class _ShapeRecorder:
+    """Wraps the collator to count the padded shapes of training batches (one dict update a batch)."""
+
+    def __init__(self, collator, callback: _TrialCallback):
+        self.collator = collator
+        self.callback = callback
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        if self.callback.training:
+            key = "x".join(map(str, batch["input_ids"].shape))
+            shapes = self.callback.result.batch_shapes
+            shapes[key] = shapes.get(key, 0) + 1
+        return batch
+
+
 def mixed_precision(settings: TrainConfig, device: str) -> dict:
     mode = settings.mixed_precision
     if mode == "auto":
         mode = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "no"
-    if mode != "no" and device != "cuda":
-        mode = "no"  # fp16/bf16 autocast on these CPUs is slower than fp32; keep CPU runs comparable
+    if mode == "fp16" and device != "cuda":
+        from lora_sweep.config import ConfigError
+
+        raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU; on a CPU use bf16 or no.")
     return {"bf16": mode == "bf16", "fp16": mode == "fp16"}
 
 
 def train(model, tokenizer, train_set, eval_set, settings: TrainConfig, device: str,
           on_epoch: Callable[[int, dict], None]) -> TrainResult:
     result = TrainResult()
+    callback = _TrialCallback(result, on_epoch)
     with tempfile.TemporaryDirectory(prefix="lora-sweep-") as out:
         args = TrainingArguments(
             output_dir=out,
@@ -115,9 +140,9 @@ def train(model, tokenizer, train_set, eval_set, settings: TrainConfig, device: 
             args=args,
             train_dataset=train_set,
             eval_dataset=eval_set,
-            data_collator=DataCollatorWithPadding(tokenizer),
+            data_collator=_ShapeRecorder(DataCollatorWithPadding(tokenizer), callback),
             compute_metrics=lambda p: classification_metrics(p.predictions, p.label_ids),
-            callbacks=[_TrialCallback(result, on_epoch)],
+            callbacks=[callback],
         )
         trainer.remove_callback(PrinterCallback)  # our own progress lines replace its dict dumps
         output = trainer.train()

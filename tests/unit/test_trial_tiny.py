@@ -142,3 +142,59 @@ def test_trials_are_isolated_from_each_other(settings):
     assert again.metrics["eval_loss"] == first.metrics["eval_loss"]
     assert again.metrics["eval_accuracy"] == first.metrics["eval_accuracy"]
     assert again.epochs == first.epochs
+
+
+_FRESH = """
+import json, sys, torch
+torch.set_num_threads(1)
+from lora_sweep.config import from_mapping
+from lora_sweep.objective import run_trial
+settings = from_mapping(json.loads(sys.argv[1])).base
+r = run_trial(settings, "cpu", lambda e, m: None)
+print("RESULT " + json.dumps({"epochs": r.epochs, "trainable_params": r.metrics["trainable_params"]}))
+"""
+
+
+def test_a_trial_after_others_matches_the_same_trial_in_a_fresh_process(settings):
+    """Reuse inside a worker (cached base, cached tokenized data, adapters on a fresh copy) must not change
+    results: a trial run after differently-configured ones equals the same trial in a new process."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    others = [settings.with_overrides({"lora.bias": "all", "lora.r": 8}),
+              settings.with_overrides({"lora.target_modules": "all-linear", "lora.lora_dropout": 0.3})]
+    for other in others:
+        run_trial(other, "cpu", lambda e, m: None)
+    reused = run_trial(settings, "cpu", lambda e, m: None)
+
+    raw = json.dumps(dataclasses.asdict(settings))
+    proc = subprocess.run([sys.executable, "-c", _FRESH, raw], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fresh = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    assert fresh["trainable_params"] == reused.metrics["trainable_params"]
+    assert fresh["epochs"] == reused.epochs  # eval_loss/accuracy/f1 of every epoch, exactly
+
+
+def test_memory_returns_to_baseline_between_trials(settings):
+    import gc
+
+    from peft import PeftModel
+
+    from lora_sweep.metrics import release_memory, rss_mb
+
+    run_trial(settings, "cpu", lambda e, m: None)  # warm-up: lazy imports, thread pools, allocator arenas
+    release_memory()
+    before = rss_mb()
+    for s in (settings.with_overrides({"lora.bias": "all", "lora.r": 16}), settings, settings):
+        run_trial(s, "cpu", lambda e, m: None)
+    release_memory()
+    growth = rss_mb() - before
+    # No trial's model survives it: only the cached pristine base remains.
+    assert [o for o in gc.get_objects() if isinstance(o, PeftModel)] == []
+    from transformers import BertForSequenceClassification
+
+    assert len([o for o in gc.get_objects() if isinstance(o, BertForSequenceClassification)]) == 1
+    # Three more trials, each holding a model copy, optimizer state and activations while it ran,
+    # leave the process within a few MB of where it was.
+    assert growth < 16, f"RSS grew by {growth:.1f} MB over three trials"

@@ -1,0 +1,218 @@
+"""Benchmark: a lora_sweep sweep against the hand-written Trainer-per-config script, side by side.
+
+    python -m lora_sweep.bench                                   # the default rank sweep
+    python -m lora_sweep.bench +sweep=rank data.train_size=1000  # any grid sweep and overrides
+
+In one run, on the same configurations, data and epochs, it runs
+  (a) `python -m lora_sweep <overrides>`: one process, base model loaded once, data tokenized once,
+      length-grouped batches;
+  (b) lora_sweep.bench_baseline once per configuration, each a fresh process (what users do today);
+and prints the wall-time ratio a/b (target <= 0.5 at equal accuracy within 1 point), the sweep's
+overhead 1 - sum(train + eval seconds) / wall (target <= 3%), and the training FLOP/s achieved by (a)
+against this machine's fp32 matmul peak measured in the same run (target >= 50% on CPU).
+Results go to reports/bench/ (bench.md, bench.json).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGETS = {"wall_ratio": 0.5, "overhead": 0.03, "mfu": 0.5, "accuracy_points": 1.0}
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from lora_sweep.__main__ import CONF_DIR, normalise_argv
+    from lora_sweep.config import from_mapping
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=normalise_argv(overrides))
+    return from_mapping(OmegaConf.to_container(cfg, resolve=True))
+
+
+def grid_points(config):
+    from lora_sweep.config import ConfigError
+    from lora_sweep.search_space import SearchSpace
+
+    space = SearchSpace(config)
+    if not space.is_grid:
+        raise ConfigError("lora_sweep.bench compares every configuration of a grid sweep; give a sweep whose "
+                          "space is all choice(...)/range(...), e.g. +sweep=rank.")
+    grid = space.grid()
+    return [space.point({k: space.params[k].decode(v) for k, v in zip(grid, combo)})
+            for combo in itertools.product(*grid.values())]
+
+
+def baseline_spec(point, config, output_dir: str) -> dict:
+    from lora_sweep import data, models
+    from lora_sweep.adapters import resolve_targets
+    from lora_sweep.config import resolve_path
+
+    s = point.settings
+    labels = list(data.load_splits(s.data).labels)
+    base = models.load_base(s.model, tuple(labels), s.train.seed)
+    return {
+        "model": resolve_path(s.model.name_or_path), "csv": resolve_path(s.data.name_or_path),
+        "encoding": s.data.encoding, "text_column": s.data.text_column, "label_column": s.data.label_column,
+        "labels": labels, "train_size": s.data.train_size, "eval_size": s.data.eval_size,
+        "data_seed": s.data.seed, "max_length": s.data.max_length, "seed": s.train.seed,
+        "r": s.lora.r, "lora_alpha": s.lora.effective_alpha, "lora_dropout": s.lora.lora_dropout,
+        "bias": s.lora.bias, "target_modules": list(resolve_targets(s.lora.target_modules, base.model).modules),
+        "learning_rate": s.train.learning_rate, "weight_decay": s.train.weight_decay,
+        "epochs": s.train.num_train_epochs, "batch_size": s.train.per_device_train_batch_size,
+        "eval_batch_size": s.train.per_device_eval_batch_size, "output_dir": output_dir,
+    }
+
+
+def run_sweep(overrides: list[str], work: Path) -> tuple[float, list]:
+    import optuna
+
+    cmd = [sys.executable, "-m", "lora_sweep", *overrides, f"paths.sweeps_dir={work / 'sweeps'}",
+           f"paths.reports_dir={work / 'reports'}", "tracking.log_artifacts=false"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"the sweep failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    db = next((work / "sweeps").glob("*/study.db"))
+    study = optuna.load_study(study_name=db.parent.name, storage=f"sqlite:///{db}")
+    return wall, [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+def run_baseline(spec: dict) -> tuple[float, dict]:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "lora_sweep.bench_baseline", json.dumps(spec)],
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BASELINE_RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise SystemExit(f"the baseline failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return wall, json.loads(line.split(" ", 1)[1])
+
+
+def main(argv: list[str]) -> int:
+    from lora_sweep.__main__ import quiet_third_party
+    from lora_sweep.flops import matmul_peak_gflops, per_sequence_flops, training_flops
+
+    quiet_third_party()
+    overrides = argv or ["+sweep=rank"]
+    config = compose(overrides)
+    points = grid_points(config)
+    print(f"bench: {len(points)} configurations ({', '.join(p.label for p in points)}), "
+          f"{config.base.data.train_size} train / {config.base.data.eval_size} eval examples, "
+          f"{config.base.train.num_train_epochs} epoch(s); load average {os.getloadavg()[0]:.2f}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="lora-sweep-bench-") as tmp:
+        work = Path(tmp)
+        specs = {p.label: baseline_spec(p, config, str(work / "baseline")) for p in points}
+        peak = [matmul_peak_gflops()]
+        print(f"bench: fp32 matmul peak {peak[0]:.1f} GFLOP/s; running (a) the sweep ...", flush=True)
+        wall_a, trials = run_sweep(overrides, work)
+        print(f"bench: (a) sweep: {wall_a:.1f} s wall; running (b) {len(points)} baseline processes ...",
+              flush=True)
+        baseline = {}
+        for label, spec in specs.items():
+            baseline[label] = run_baseline(spec)
+            print(f"bench: (b) {label}: {baseline[label][0]:.1f} s wall", flush=True)
+        peak.append(matmul_peak_gflops())
+    wall_b = sum(w for w, _ in baseline.values())
+
+    rows, flops_total, train_total = [], 0.0, 0.0
+    coeffs = {}
+    by_label = {t.user_attrs["label"]: t for t in trials}
+    for p in points:
+        t = by_label[p.label]
+        ua = t.user_attrs
+        key = (p.settings.model, p.settings.lora)
+        if key not in coeffs:
+            coeffs[key] = per_sequence_flops(p.settings)
+        f = training_flops(coeffs[key], ua["batch_shapes"])
+        train_s = ua["epoch_time_s"] * len(ua["epochs"])
+        flops_total += f
+        train_total += train_s
+        b = baseline[p.label][1]
+        rows.append({"configuration": p.label, "sweep_accuracy": ua["eval_accuracy"],
+                     "baseline_accuracy": b["eval_accuracy"], "sweep_epoch_s": ua["epoch_time_s"],
+                     "baseline_epoch_s": b["epoch_time_s"], "baseline_process_s": baseline[p.label][0],
+                     "sweep_train_plus_eval_s": ua["train_seconds"] + ua["eval_seconds"],
+                     "train_gflop_per_s": f / train_s / 1e9})
+    busy = sum(r["sweep_train_plus_eval_s"] for r in rows)
+    peak_gflops = max(peak)
+    result = {
+        "command": "python -m lora_sweep.bench " + " ".join(argv),
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "rows": rows,
+        "sweep_wall_s": wall_a, "baseline_wall_s": wall_b, "wall_ratio": wall_a / wall_b,
+        "overhead": 1 - busy / wall_a,
+        "accuracy_gap_points": max(abs(r["sweep_accuracy"] - r["baseline_accuracy"]) for r in rows) * 100,
+        "mean_accuracy_gap_points": 100 * sum(r["sweep_accuracy"] - r["baseline_accuracy"] for r in rows) / len(rows),
+        "matmul_peak_gflops": peak_gflops, "matmul_peak_each_gflops": peak,
+        "train_gflops": flops_total / train_total / 1e9,
+        "mfu": flops_total / train_total / 1e9 / peak_gflops,
+        "load_average_end": os.getloadavg()[0],
+        "targets": TARGETS,
+    }
+    text = render(result)
+    print(text)
+    out = Path(config.paths.reports_dir) / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.md").write_text(text)
+    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    print(f"bench: wrote {out / 'bench.md'}")
+    return 0
+
+
+def render(r: dict) -> str:
+    import pandas as pd
+
+    from lora_sweep import environment
+
+    def verdict(ok: bool) -> str:
+        return "meets target" if ok else "misses target"
+
+    table = pd.DataFrame([{
+        "Configuration": x["configuration"],
+        "Accuracy sweep / baseline": f"{100 * x['sweep_accuracy']:.1f}% / {100 * x['baseline_accuracy']:.1f}%",
+        "Epoch time (s) sweep / baseline": f"{x['sweep_epoch_s']:.1f} / {x['baseline_epoch_s']:.1f}",
+        "Baseline process (s)": f"{x['baseline_process_s']:.1f}",
+        "Training GFLOP/s (sweep)": f"{x['train_gflop_per_s']:.1f}",
+    } for x in r["rows"]])
+    t = r["targets"]
+    lines = [
+        "# Benchmark: lora_sweep sweep vs hand-written Trainer-per-config script", "",
+        f"- **Command**: `{r['command']}`",
+        f"- **Date**: {r['date']}; **device**: {environment.device_description('cpu')}; "
+        f"load average at the end {r['load_average_end']:.2f}",
+        f"- **Versions**: {', '.join(f'{k} {v}' for k, v in environment.versions().items())}", "",
+        table.to_markdown(index=False), "",
+        f"- Wall time: sweep {r['sweep_wall_s']:.1f} s, baseline {r['baseline_wall_s']:.1f} s (sum of its "
+        f"processes); **ratio {r['wall_ratio']:.2f}** (target <= {t['wall_ratio']}; "
+        f"{verdict(r['wall_ratio'] <= t['wall_ratio'])}), with accuracy within "
+        f"{r['accuracy_gap_points']:.1f} points per configuration (target {t['accuracy_points']}; "
+        f"{verdict(r['accuracy_gap_points'] <= t['accuracy_points'])}; mean sweep - baseline "
+        f"{r['mean_accuracy_gap_points']:+.1f} points).",
+        f"- Sweep overhead: 1 - (sum of train + eval seconds) / wall = **{100 * r['overhead']:.1f}%** "
+        f"(target <= {100 * t['overhead']:.0f}%; {verdict(r['overhead'] <= t['overhead'])}). The wall time "
+        "includes the process's imports, data loading, model load and MLflow set-up.",
+        f"- Training FLOP/s of the sweep: {r['train_gflops']:.1f} GFLOP/s against an fp32 matmul peak of "
+        f"{r['matmul_peak_gflops']:.1f} GFLOP/s measured in this run (2048x2048 torch.mm, best of 8, before "
+        f"and after: {', '.join(f'{x:.1f}' for x in r['matmul_peak_each_gflops'])}): **{100 * r['mfu']:.0f}%** "
+        f"(target >= {100 * t['mfu']:.0f}%; {verdict(r['mfu'] >= t['mfu'])}). FLOPs are torch's FlopCounterMode "
+        "counts (matmuls and attention) of the padded batches each trial trained on.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
