@@ -1,5 +1,6 @@
 """python -m lora_sweep +sweep=rank [overrides]      run (or resume) a sweep
 python -m lora_sweep report +sweep=rank              rebuild reports/rank/ from stored results
+python -m lora_sweep report sweep=rank,bias          one report over several stored sweeps
 
 Reads as the data flow: compose (Hydra) -> validate (config.py) -> sweep or report.
 """
@@ -23,13 +24,17 @@ def main() -> None:
 
 def normalise_argv(args: list[str]) -> list[str]:
     """`report` as a verb -> mode=report; `sweep=X` -> `+sweep=X` (the sweep group is optional, so
-    Hydra wants the +; both spellings work)."""
+    Hydra wants the +; both spellings work); `sweep=A,B` -> `+sweep=A report.sweeps=[A,B]` (Hydra
+    would read a comma as a multirun; here it means one report over both)."""
     out = []
     for a in args:
         if a == "report":
             out.append("mode=report")
-        elif a.startswith("sweep="):
-            out.append("+" + a)
+        elif a.startswith(("sweep=", "+sweep=")):
+            names = [n.strip() for n in a.split("=", 1)[1].split(",")]
+            out.append(f"+sweep={names[0]}")
+            if len(names) > 1:
+                out.append(f"report.sweeps=[{','.join(names)}]")
         else:
             out.append(a)
     return out
@@ -60,15 +65,11 @@ def run(cfg) -> int:
     try:
         config = from_dictconfig(cfg)
         if config.mode == "report":
-            from lora_sweep import report
-            from lora_sweep.study import load_study
-
-            report.check_exists(config)
-            study = load_study(config)
-            path = report.write_report(config, study)
-            print(report.summary(config, study))
-            log.info("Wrote %s", path)
-            return 0
+            return _report(config)
+        if len(config.report.sweeps) > 1:
+            raise ConfigError(f"report.sweeps={list(config.report.sweeps)}: several sweeps go into one report "
+                              f"only in report mode (python -m lora_sweep report sweep=a,b); run sweeps one "
+                              f"at a time.")
         from lora_sweep.sweep import run_sweep
 
         run_sweep(config)
@@ -76,6 +77,27 @@ def run(cfg) -> int:
     except ConfigError as e:
         print(f"lora-sweep: error: {e}", file=sys.stderr)
         return 2
+
+
+def _report(config) -> int:
+    from lora_sweep import report
+
+    if len(config.report.sweeps) > 1:
+        from lora_sweep.combined import write_combined
+
+        path, text = write_combined(config)
+        print(text)
+        log.info("Wrote %s", path)
+        return 0
+    from lora_sweep.study import load_study
+
+    report.check_exists(config)
+    study = load_study(config)
+    path = report.write_report(config, study)
+    report.publish(config, study, path)
+    print(report.summary(config, study))
+    log.info("Wrote %s", path)
+    return 0
 
 
 def _hydra_entry() -> None:

@@ -179,6 +179,26 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """Report mode over several stored sweeps: one table (python -m lora_sweep report sweep=rank,bias)."""
+    sweeps: tuple = ()
+    name: str | None = None   # reports/<name>/; null = the sweep names joined by '+'
+
+    def validate(self) -> None:
+        for s in self.sweeps:
+            _require(isinstance(s, str) and s and "/" not in s, "report.sweeps", list(self.sweeps),
+                     "a list of sweep names (folders under paths.sweeps_dir)")
+        if self.name is not None:
+            _require(isinstance(self.name, str) and self.name and "/" not in self.name
+                     and self.name not in (".", ".."), "report.name", self.name,
+                     "null or a name without '/' (it names the folder under paths.reports_dir)")
+
+    @property
+    def folder(self) -> str:
+        return self.name or "+".join(self.sweeps)
+
+
+@dataclass(frozen=True)
 class Paths:
     sweeps_dir: Path
     reports_dir: Path
@@ -227,6 +247,7 @@ class Config:
     space: Mapping[str, str]          # parameter path -> sweeper-grammar expression
     variants: Mapping[str, Variant]
     mode: str = "sweep"
+    report: ReportConfig = ReportConfig()
 
     @property
     def study_dir(self) -> Path:
@@ -273,8 +294,10 @@ def from_mapping(raw: Mapping[str, Any]) -> Config:
     space = {k: str(v) for k, v in flatten(raw.get("space") or {}).items()}
     mode = raw.get("mode", "sweep")
     _one_of("mode", mode, MODES)
+    report = _build(ReportConfig, raw.get("report") or {}, "report")
+    report.validate()
     config = Config(base=base, study=study, tracking=tracking, paths=paths, space=space,
-                    variants=variants, mode=mode)
+                    variants=variants, mode=mode, report=report)
     base.validate()
     study.validate()
     for name, variant in variants.items():
@@ -358,7 +381,7 @@ def _one_of(name: str, value: Any, allowed: tuple) -> None:
 
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "LoraSettings", "ModelConfig", "Paths", "StudyConfig",
+    "Config", "ConfigError", "DataConfig", "ReportConfig", "LoraSettings", "ModelConfig", "Paths", "StudyConfig",
     "TrackingConfig", "TrainConfig", "TrialSettings", "Variant", "flatten", "from_dictconfig",
     "from_mapping", "resolve_path",
 ]

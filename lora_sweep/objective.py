@@ -18,6 +18,7 @@ import optuna
 from lora_sweep import adapters, data, models
 from lora_sweep.config import Config, TrialSettings
 from lora_sweep.metrics import PeakMemory, release_memory
+from lora_sweep.progress import Progress
 from lora_sweep.search_space import Point, SearchSpace
 from lora_sweep.train import train
 
@@ -119,7 +120,7 @@ class Objective:
     """Optuna objective: sample a point, run it, record it (Optuna user attrs + an MLflow child run)."""
 
     def __init__(self, config: Config, space: SearchSpace, tracker, parent_run_id: str, device: str,
-                 base_tags: dict, planned: int):
+                 base_tags: dict, planned: int, progress: Progress | None = None):
         self.config = config
         self.space = space
         self.tracker = tracker
@@ -128,17 +129,20 @@ class Objective:
         self.base_tags = base_tags
         self.planned = planned
         self.started = 0
+        self.progress = progress or Progress(planned, config.base.train.num_train_epochs, config.study.metric,
+                                             config.study.direction)
 
     def __call__(self, trial: optuna.Trial) -> float:
         point = self.space.suggest(trial)
         self.started += 1
         tag = f"[{self.started}/{self.planned}] trial {trial.number} ({point.label})"
         trial.set_user_attr("label", point.label)
+        self.progress.trial_started(trial.number, point.label)
         trial.set_user_attr("device", self.device)
         preview = _target_names(point.settings)
         params = mlflow_params(point.settings, preview)
         trial.set_user_attr("params", {k: _jsonable(v) for k, v in params.items()})
-        run_id = self.tracker.start_trial(self.parent_run_id, _run_name(trial.number, point), params, {
+        run_id = self.tracker.start_trial(self.parent_run_id, run_name(point), params, {
             **self.base_tags, "optuna_trial_number": trial.number, "label": point.label, "status": "running"})
         trial.set_user_attr("mlflow_run_id", run_id)
         log.info("%s: r=%s lora_alpha=%s target_modules=%s lora_dropout=%s bias=%s", tag, point.settings.lora.r,
@@ -150,6 +154,7 @@ class Objective:
             self.tracker.log_metrics(run_id, metrics, step=epoch)
             log.info("%s epoch %d/%d: %s", tag, epoch, epochs,
                      "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            self.progress.epoch_done(epoch)
             value = metrics.get(self.config.study.metric)
             if value is not None:
                 trial.report(value, step=epoch)
@@ -167,6 +172,7 @@ class Objective:
             self.tracker.set_tags(run_id, {"status": "pruned", "pruned_at_epoch": trial.user_attrs.get(
                 "pruned_at_epoch", ""), "reason": str(e)})
             self.tracker.finish_trial(run_id, "pruned")
+            self.progress.trial_finished()
             log.info("%s pruned: %s", tag, e)
             raise
         except BaseException as e:  # KeyboardInterrupt too: the run must not stay RUNNING
@@ -174,6 +180,7 @@ class Objective:
             trial.set_user_attr("error", error)
             self.tracker.set_tags(run_id, {"status": "failed", "error": error})
             self.tracker.finish_trial(run_id, "failed")
+            self.progress.trial_finished()
             log.warning("%s failed: %s", tag, error)
             raise
         final = {k: result.metrics[k] for k in RESULT_KEYS if k in result.metrics}
@@ -186,14 +193,39 @@ class Objective:
         self.tracker.set_tags(run_id, {"status": "complete", "memory_kind": result.memory_kind})
         self.tracker.finish_trial(run_id, "complete")
         m = result.metrics
+        self.progress.trial_finished(m.get(self.config.study.metric), point.label)
         log.info("%s done: eval_accuracy=%.4f  trainable=%s (%.2f%%)  peak_memory=%.0f MB  %.1f s/epoch", tag,
                  m.get("eval_accuracy", float("nan")), f"{m['trainable_params']:,}", m["trainable_pct"],
                  m["peak_memory_mb"], m["epoch_time_s"])
         return m[self.config.study.metric]
 
 
-def _run_name(number: int, point: Point) -> str:
-    return f"trial-{number} {point.label}"
+# Short names for the MLflow runs list, where width is scarce.
+_SHORT = {"lora.lora_dropout": "drop", "lora.bias": "bias", "train.learning_rate": "lr", "train.seed": "seed",
+          "lora.use_rslora": "rslora", "lora.use_dora": "dora", "model.load_in_4bit": "4bit"}
+
+
+def run_name(point: Point) -> str:
+    """`r=16 a=32 qkvo`, then whatever else sets this point apart (`bias=all`, `seed=1`, a variant's
+    label), so runs read like the table's rows in the MLflow UI."""
+    lora = point.settings.lora
+    tm = lora.target_modules
+    parts = [f"r={lora.r}", f"a={lora.effective_alpha}", tm if isinstance(tm, str) else "+".join(tm)]
+    if lora.bias != "none":
+        parts.append(f"bias={lora.bias}")
+    if point.settings.model.load_in_4bit:
+        parts.append("4bit")
+    for path, value in point.values.items():
+        if path in ("variant", "lora.r", "lora.lora_alpha", "lora.target_modules", "lora.bias",
+                    "model.load_in_4bit"):
+            continue
+        parts.append(f"{_SHORT.get(path, path.split('.')[-1])}={value:g}" if isinstance(value, float)
+                     else f"{_SHORT.get(path, path.split('.')[-1])}={value}")
+    name = " ".join(parts)
+    if "variant" in point.values:
+        label = point.label.split(", ")[0]
+        name = f"{label}: {name}"
+    return name
 
 
 def _jsonable(v):

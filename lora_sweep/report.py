@@ -7,7 +7,9 @@ trial; every figure comes from the trial's stored record, so `python -m lora_swe
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from pathlib import Path
 
 import optuna
@@ -15,9 +17,11 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from lora_sweep.config import Config, ConfigError
+from lora_sweep.findings import complete, noise, pareto_mask, pareto_sentence, param_importances, sweep_findings
+from lora_sweep.plots import TITLES, write_plots
 
-COLUMNS = ("Configuration", "Accuracy", "Parameters (trainable %)", "Memory (MB)",
-           "Training Time (s per epoch)")
+log = logging.getLogger("lora_sweep")
+
 _STATUS = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
            TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}
 
@@ -36,6 +40,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         row["memory_kind"] = ua.get("memory_kind", "")
         row.update({f"param.{k}": v for k, v in t.params.items()})
         row["mlflow_run_id"] = ua.get("mlflow_run_id", "")
+        row["epochs"] = ua.get("epochs") or []
         rows.append(row)
     df = pd.DataFrame(rows)
     return ordered(df, study) if len(df) else df
@@ -62,24 +67,44 @@ def ordered(df: pd.DataFrame, study: optuna.Study) -> pd.DataFrame:
         columns=[k for k in keys if k.startswith("_order.")])
 
 
-def guide_table(df: pd.DataFrame) -> pd.DataFrame:
-    """The guide's five columns, formatted for reading. Complete trials only."""
-    done = df[df["status"] == "complete"]
-    return pd.DataFrame({
-        COLUMNS[0]: done["label"],
-        COLUMNS[1]: done["eval_accuracy"].map(lambda v: f"{100 * v:.1f}%"),
-        COLUMNS[2]: [f"{int(n):,} ({p:.2f}%)" for n, p in zip(done["trainable_params"], done["trainable_pct"])],
-        COLUMNS[3]: done["peak_memory_mb"].map(lambda v: f"{v:,.1f}"),
-        COLUMNS[4]: done["epoch_time_s"].map(lambda v: f"{v:.1f}"),
+def guide_table(df: pd.DataFrame, sweep_column: bool = False) -> pd.DataFrame:
+    """The guide's columns, units in the headers, formatted for reading. Complete trials only."""
+    done = complete(df)
+    pareto = pareto_mask(done) if len(done) else pd.Series(dtype=bool)
+    table = pd.DataFrame({
+        "Configuration": done["label"].map(_cell),
+        "Accuracy (%)": done["eval_accuracy"].map(lambda v: f"{100 * v:.1f}"),
+        "Trainable params": done["trainable_params"].map(lambda v: f"{int(v):,}"),
+        "Trainable (%)": done["trainable_pct"].map(lambda v: f"{v:.2f}"),
+        "Memory (MB)": done["peak_memory_mb"].map(lambda v: f"{v:,.0f}" if pd.notna(v) else "n/a"),
+        "Training time (s/epoch)": done["epoch_time_s"].map(lambda v: f"{v:.1f}" if pd.notna(v) else "n/a"),
+        "Pareto": pareto.map(lambda p: "✓" if p else ""),
+        "Trial": done["trial"].map(lambda n: f"#{n}"),
     })
+    if sweep_column:
+        table.insert(0, "Sweep", done["sweep"].map(_cell))
+    return table
 
 
-def markdown(config: Config, study: optuna.Study, df: pd.DataFrame) -> str:
+COLUMNS = ("Configuration", "Accuracy (%)", "Trainable params", "Trainable (%)", "Memory (MB)",
+           "Training time (s/epoch)", "Pareto", "Trial")
+_ALIGN = {"Configuration": "left", "Sweep": "left", "Pareto": "center", "Trial": "right"}
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """A GFM pipe table; numbers are already strings, right-aligned, and not re-parsed by tabulate."""
+    align = [_ALIGN.get(c, "right") for c in table.columns]
+    return table.to_markdown(index=False, tablefmt="pipe", disable_numparse=True, colalign=align)
+
+
+def _cell(v) -> str:
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def _facts(config: Config, study: optuna.Study, df: pd.DataFrame) -> list[tuple[str, str]]:
     meta = study.user_attrs.get("meta", {})
-    n = len(df)
-    counts = df["status"].value_counts().to_dict() if n else {}
-    lines = [f"# LoRA sweep: {config.study.name}", ""]
-    facts = [
+    counts = df["status"].value_counts().to_dict() if len(df) else {}
+    return [
         ("Model", f"`{meta.get('model', config.base.model.name_or_path)}`"),
         ("Data", f"`{meta.get('data', config.base.data.name_or_path)}`, labels {meta.get('labels', '?')}, "
                  f"{meta.get('train_size', '?')} train / {meta.get('eval_size', '?')} eval examples, "
@@ -95,27 +120,63 @@ def markdown(config: Config, study: optuna.Study, df: pd.DataFrame) -> str:
         ("Versions", ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items())
          + f"; git {meta.get('git_commit', '?')}"),
     ]
-    lines += [f"- **{k}**: {v}" for k, v in facts]
-    lines.append("")
-    table = guide_table(df) if n else pd.DataFrame(columns=COLUMNS)
-    lines.append(table.to_markdown(index=False) if len(table) else "_No complete trials yet._")
-    lines.append("")
-    kinds = sorted(set(df.get("memory_kind", pd.Series(dtype=str)).dropna()) - {""}) if n else []
-    notes = ["Accuracy: eval accuracy after the last epoch.",
-             "Parameters: trainable parameters as peft counts them (LoRA weights plus the classifier "
-             "head that peft trains in full), and their share of all parameters.",
-             "Training Time: mean seconds per epoch of training, evaluation excluded."]
-    if kinds:
-        notes.append("Memory: " + "; ".join(_MEMORY_NOTES.get(k, k) for k in kinds) + ".")
-    lines += [f"_{note}_  " for note in notes]
-    problems = df[df["status"].isin(["failed", "pruned"])] if n else df
-    if len(problems):
-        lines += ["", "## Trials without a result", ""]
-        for _, row in problems.iterrows():
-            why = row["error"] if row["status"] == "failed" else f"pruned after epoch {row['pruned_at_epoch']}"
-            lines.append(f"- trial {row['trial']} ({row['label']}): **{row['status']}**: {why}")
+
+
+def _eval_size(study: optuna.Study) -> int | None:
+    size = study.user_attrs.get("meta", {}).get("eval_size")
+    return int(size) if isinstance(size, (int, float)) else None
+
+
+def markdown(config: Config, study: optuna.Study, df: pd.DataFrame, plots: list[Path] = ()) -> str:
+    lines = [f"# LoRA sweep: {config.study.name}", ""]
+    lines += [f"- **{k}**: {v}" for k, v in _facts(config, study, df)]
+    lines += ["", "## Results", ""]
+    table = guide_table(df) if len(df) else pd.DataFrame()
+    lines.append(to_markdown(table) if len(table) else "_No complete trials yet._")
+    lines += ["", *_notes(df)]
+    done = complete(df)
+    lines += ["", "## Findings", ""]
+    found = sweep_findings(df, _eval_size(study), param_importances(study, config.study.metric))
+    if len(done):
+        found.insert(len(found) - 1, pareto_sentence(done, pareto_mask(done)))
+    lines += [f"- {f}" for f in found]
+    lines += _plots_section(plots)
+    lines += _problems(df)
     lines.append("")
     return "\n".join(lines)
+
+
+def _notes(df: pd.DataFrame) -> list[str]:
+    kinds = sorted(set(df.get("memory_kind", pd.Series(dtype=str)).dropna()) - {""}) if len(df) else []
+    notes = ["Accuracy: eval accuracy after the last epoch.",
+             "Trainable params: trainable parameters as peft counts them (LoRA weights plus the classifier "
+             "head that peft trains in full); Trainable (%): their share of all parameters.",
+             "Training time: mean seconds per epoch of training, evaluation excluded.",
+             "Pareto: ✓ where no other row is both more accurate and trains a smaller share of parameters.",
+             "Trial: the Optuna trial number (its MLflow run id is in report.csv)."]
+    if kinds:
+        notes.append("Memory: " + "; ".join(_MEMORY_NOTES.get(k, k) for k in kinds) + ".")
+    return [f"_{note}_  " for note in notes]
+
+
+def _plots_section(plots) -> list[str]:
+    if not plots:
+        return []
+    lines = ["", "## Plots", ""]
+    for p in plots:
+        lines += [f"![{TITLES[p.name]}]({p.name})", ""]
+    return lines[:-1]
+
+
+def _problems(df: pd.DataFrame) -> list[str]:
+    problems = df[df["status"].isin(["failed", "pruned"])] if len(df) else df
+    if not len(problems):
+        return []
+    lines = ["", "## Trials without a result", ""]
+    for _, row in problems.iterrows():
+        why = row["error"] if row["status"] == "failed" else f"pruned after epoch {row['pruned_at_epoch']}"
+        lines.append(f"- trial {row['trial']} ({row['label']}): **{row['status']}**: {why}")
+    return lines
 
 
 _MEMORY_NOTES = {
@@ -126,7 +187,7 @@ _MEMORY_NOTES = {
 
 
 def write_report(config: Config, study: optuna.Study | None = None) -> Path | None:
-    """Write reports/<name>/report.md and report.csv; returns the markdown path."""
+    """Write reports/<name>/report.md, report.csv and the plots; returns the markdown path."""
     if study is None:
         from lora_sweep.study import load_study
 
@@ -134,12 +195,65 @@ def write_report(config: Config, study: optuna.Study | None = None) -> Path | No
     df = trials_frame(study)
     out = config.report_dir
     out.mkdir(parents=True, exist_ok=True)
+    done = complete(df)
+    nz = noise(done, _eval_size(study))
+    plots = _fresh_plots(out, lambda: write_plots(done, pareto_mask(done), out, study, config.study.metric,
+                                                  noise_sd=nz.sd if nz else None))
+    return _write(out, markdown(config, study, df, plots), df)
+
+
+def _fresh_plots(out: Path, draw) -> list[Path]:
+    for name in TITLES:  # a plot the data no longer supports must not linger from an earlier run
+        (out / name).unlink(missing_ok=True)
+    return draw()
+
+
+def _write(out: Path, text: str, df: pd.DataFrame) -> Path:
     md = out / "report.md"
     tmp = md.with_suffix(".md.tmp")
-    tmp.write_text(markdown(config, study, df))
+    tmp.write_text(text)
     tmp.replace(md)  # a reader never sees half a report
-    df.to_csv(out / "report.csv", index=False)
+    csv = df.drop(columns=["epochs"], errors="ignore")
+    if len(df):
+        csv = csv.assign(pareto=False)
+        done = complete(df)
+        csv.loc[done.index, "pareto"] = pareto_mask(done)
+    csv.to_csv(out / "report.csv", index=False)
     return md
+
+
+def artifacts(md: Path) -> list[Path]:
+    """What a report consists of: the markdown, the csv and its plots (for MLflow)."""
+    return [p for p in (md, md.parent / "report.csv", *(md.parent / n for n in TITLES)) if p.exists()]
+
+
+def description(md: Path) -> str:
+    """The report for an MLflow run's description: images cannot resolve there, so they become a
+    pointer to the run's artifacts."""
+    text = md.read_text()
+    text = re.sub(r"\n## Plots\n(?:\n|!\[[^\n]*\n)*", "\n## Plots\n\nSee this run's artifacts, folder `report/`.\n\n",
+                  text)
+    return text
+
+
+def publish(config: Config, study: optuna.Study, md: Path, tracker=None) -> None:
+    """The report on the sweep's parent MLflow run: its description, and (tracking.log_artifacts)
+    report.md, report.csv and the plots under artifacts report/. A report rebuilt later updates
+    the same run. MLflow being unreachable costs the upload, not the report."""
+    from lora_sweep.tracking import PARENT_ATTR, Tracker
+
+    parent = study.user_attrs.get(PARENT_ATTR)
+    if parent is None:
+        return
+    try:
+        tracker = tracker or Tracker(config.tracking_uri, config.experiment_name)
+        tracker.describe(parent, description(md))
+        if config.tracking.log_artifacts:
+            for path in artifacts(md):
+                tracker.log_artifact(parent, path, "report")
+    except Exception as e:
+        log.warning("Report written, but not attached to MLflow run %s at %s: %s", parent,
+                    config.tracking_uri, e)
 
 
 def summary(config: Config, study: optuna.Study) -> str:
@@ -154,7 +268,7 @@ def summary(config: Config, study: optuna.Study) -> str:
         best = f"Best: {done.loc[pick, 'label']} ({metric}={value:.4f})\n" if not math.isnan(value) else ""
     store = config.tracking_uri
     return "\n".join([
-        "", table.to_markdown(index=False) if len(table) else "No complete trials.", "", best
+        "", to_markdown(table) if len(table) else "No complete trials.", "", best
         + f"Report: {config.report_dir / 'report.md'} (and report.csv)",
         f"MLflow: experiment {config.experiment_name!r}; browse with: mlflow ui --backend-store-uri {store}",
     ])

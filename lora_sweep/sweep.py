@@ -16,6 +16,7 @@ import optuna
 from lora_sweep import adapters, data, environment, models, report
 from lora_sweep.config import Config, ConfigError
 from lora_sweep.objective import Objective
+from lora_sweep.progress import progress_for
 from lora_sweep.search_space import SearchSpace
 from lora_sweep.study import create_study, resume, sampler_name
 
@@ -71,20 +72,20 @@ def run_sweep(config: Config) -> optuna.Study:
              config.experiment_name, config.tracking_uri)
     tags = {"study_name": config.study.name, "device": meta["device"], "git_commit": meta["git_commit"],
             **{f"version.{k}": v for k, v in meta["versions"].items()}}
-    objective = Objective(config, space, tracker, parent, device, tags, planned=n)
     status = "FINISHED"
     try:
-        study.optimize(objective, n_trials=n, timeout=config.study.timeout, catch=(Exception,))
+        with progress_for(n, config.base.train.num_train_epochs, config.study.metric,
+                          config.study.direction) as progress:
+            objective = Objective(config, space, tracker, parent, device, tags, planned=n, progress=progress)
+            study.optimize(objective, n_trials=n, timeout=config.study.timeout, catch=(Exception,))
     except BaseException:
         status = "KILLED"
         raise
     finally:
         path = report.write_report(config, study)
         if path is not None:
-            tracker.log_artifact(parent, path)
-            tracker.finish_parent(parent, status, description=path.read_text())
-        else:
-            tracker.finish_parent(parent, status)
+            report.publish(config, study, path, tracker)
+        tracker.finish_parent(parent, status)
     print(report.summary(config, study), flush=True)
     return study
 

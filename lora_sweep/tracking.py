@@ -54,8 +54,12 @@ class Tracker:
 
     def finish_parent(self, run_id: str, status: str = "FINISHED", description: str | None = None) -> None:
         if description is not None:
-            self.client.set_tag(run_id, "mlflow.note.content", description)
+            self.describe(run_id, description)
         self.client.set_terminated(run_id, status=status)
+
+    def describe(self, run_id: str, markdown: str) -> None:
+        """The run's description (markdown in the UI's Overview tab)."""
+        self.client.set_tag(run_id, "mlflow.note.content", fit_description(markdown))
 
     # -- child runs -------------------------------------------------------------------------
     def start_trial(self, parent_id: str, name: str, params: Mapping[str, Any],
@@ -86,8 +90,8 @@ class Tracker:
     def log_artifacts(self, run_id: str, local_dir: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(run_id, str(local_dir), artifact_path)
 
-    def log_artifact(self, run_id: str, path: Path) -> None:
-        self.client.log_artifact(run_id, str(path))
+    def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
 
     def finish_trial(self, run_id: str, outcome: str) -> None:
         self.client.set_terminated(run_id, status=STATUS[outcome])
@@ -97,6 +101,24 @@ class Tracker:
         return self.client.search_runs([self.experiment_id],
                                        filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
                                        max_results=10_000)
+
+
+# MLflow rejects tag values longer than this (mlflow.utils.validation.MAX_TAG_VAL_LENGTH).
+MAX_DESCRIPTION = 8000
+
+
+def fit_description(markdown: str, limit: int = MAX_DESCRIPTION) -> str:
+    """Whole sections until the limit (a table cut mid-row would not render), then a pointer."""
+    if len(markdown) <= limit:
+        return markdown
+    note = "\n\n_Truncated to fit MLflow's description limit: the full report is this run's artifact report/report.md._\n"
+    sections = markdown.split("\n## ")
+    kept = sections[0][: limit - len(note)]
+    for part in sections[1:]:
+        if len(kept) + len(part) + 4 + len(note) > limit:
+            break
+        kept += "\n## " + part
+    return kept + note
 
 
 def _is_local(uri: str) -> bool:

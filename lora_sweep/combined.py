@@ -1,0 +1,98 @@
+"""One report over several stored sweeps (the guide's table mixes rank, target-module, bias and
+QLoRA rows): python -m lora_sweep report sweep=rank,target_modules -> reports/rank+target_modules/.
+
+Each sweep's study is loaded from where that sweep stored it (paths.sweeps_dir/<name>/study.db, or
+study.storage under the sweep's name); rows keep their sweep and trial number, so every figure
+still leads back to one trial.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pandas as pd
+
+from lora_sweep import findings, report
+from lora_sweep.config import Config
+from lora_sweep.plots import write_plots
+
+# Settings that must match for rows of different sweeps to be compared like for like.
+_LIKE_FOR_LIKE = ("model", "data", "train_size", "eval_size", "max_length", "device")
+
+
+def for_sweep(config: Config, name: str) -> Config:
+    return dataclasses.replace(config, study=dataclasses.replace(config.study, name=name))
+
+
+def load(config: Config) -> dict:
+    from lora_sweep.study import load_study
+
+    studies = {}
+    for name in config.report.sweeps:
+        c = for_sweep(config, name)
+        report.check_exists(c)  # a missing sweep fails before anything is written
+        studies[name] = load_study(c)
+    return studies
+
+
+def write_combined(config: Config) -> tuple[Path, str]:
+    """Write reports/<a+b>/report.md, report.csv and plots; returns the path and the table."""
+    studies = load(config)
+    frames = [report.trials_frame(s).assign(sweep=name) for name, s in studies.items()]
+    df = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) \
+        else pd.DataFrame(columns=["status", "sweep"])
+    out = config.paths.reports_dir / config.report.folder
+    out.mkdir(parents=True, exist_ok=True)
+    done = findings.complete(df)
+    pareto = findings.pareto_mask(done) if len(done) else pd.Series(dtype=bool)
+    names = done["label"].astype(str) + " [" + done["sweep"].astype(str) + "]" if len(done) else None
+    sizes = {s.user_attrs.get("meta", {}).get("eval_size") for s in studies.values()}
+    nz = findings.noise(done, next(iter(sizes)) if len(sizes) == 1 else None) if len(done) else None
+    plots = report._fresh_plots(out, lambda: write_plots(done, pareto, out, None, names=names,
+                                                         noise_sd=nz.sd if nz else None))
+    text = markdown(config, studies, df, plots)
+    md = report._write(out, text, df)
+    table = report.guide_table(df, sweep_column=True) if len(df) else pd.DataFrame()
+    return md, "\n" + (report.to_markdown(table) if len(table) else "No complete trials.") + "\n"
+
+
+def markdown(config: Config, studies: dict, df: pd.DataFrame, plots: list[Path]) -> str:
+    metas = {name: s.user_attrs.get("meta", {}) for name, s in studies.items()}
+    lines = [f"# LoRA sweeps: {', '.join(studies)}", "", "One table over several sweeps; each row names "
+             "its sweep and its trial number in that sweep's study.", ""]
+    for name, meta in metas.items():
+        sub = df[df["sweep"] == name] if len(df) else df
+        counts = sub["status"].value_counts().to_dict() if len(sub) else {}
+        space = ", ".join(f"`{k}: {v}`" for k, v in meta.get("space", {}).items()) or "the base config"
+        lines.append(f"- **{name}**: {meta.get('sampler', '?')} over {space}; "
+                     f"{', '.join(f'{v} {k}' for k, v in counts.items()) or 'no trials'}; "
+                     f"{meta.get('date', '?')}; git {meta.get('git_commit', '?')}")
+    common = {k: {str(m.get(k, '?')) for m in metas.values()} for k in _LIKE_FOR_LIKE}
+    same = {k: next(iter(v)) for k, v in common.items() if len(v) == 1}
+    differ = [k for k, v in common.items() if len(v) > 1]
+    lines += ["", "Shared: " + "; ".join(f"{k} `{v}`" for k, v in same.items()) + "."]
+    if differ:
+        lines.append(f"**Not like for like**: the sweeps differ in {', '.join(differ)}; compare rows across "
+                     f"sweeps with care.")
+    lines += ["", "## Results", ""]
+    table = report.guide_table(df, sweep_column=True) if len(df) else pd.DataFrame()
+    lines.append(report.to_markdown(table) if len(table) else "_No complete trials yet._")
+    lines += ["", *report._notes(df), "", "## Findings", ""]
+    eval_sizes = {m.get("eval_size") for m in metas.values()}
+    eval_size = next(iter(eval_sizes)) if len(eval_sizes) == 1 else None
+    done = findings.complete(df)
+    if len(done):
+        nz = findings.noise(done, eval_size)
+        lines += [f"- {f}" for f in findings.overall_findings(done, nz)]
+        lines.append("- " + findings.pareto_sentence(done, findings.pareto_mask(done), sweep_col=True))
+    for name, study in studies.items():
+        sub = df[df["sweep"] == name] if len(df) else df
+        lines += ["", f"### {name}", ""]
+        found = findings.sweep_findings(sub, metas[name].get("eval_size"),
+                                        findings.param_importances(study, config.study.metric))
+        lines += [f"- {f}" for f in found]
+    lines += report._plots_section(plots)
+    lines += report._problems(df.assign(label=df["label"] + " [" + df["sweep"] + "]") if len(df) else df)
+    lines.append("")
+    return "\n".join(lines)

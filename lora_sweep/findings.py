@@ -1,0 +1,273 @@
+"""Findings in the guide's style, computed from the trials DataFrame (report.trials_frame).
+
+Every sentence names the configurations (and trial numbers) its figures come from, and every
+difference is compared with a noise band before it is called a trend:
+
+- repeated seeds (a space over train.seed, or the same point run twice): the pooled standard
+  deviation of accuracy between runs of one configuration;
+- otherwise the eval set's sampling error (binomial, n eval examples), which is a floor: run-to-run
+  training noise comes on top and was not measured.
+
+A difference smaller than 1.96 standard errors of the difference is reported as within noise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+SEED = "param.train.seed"
+ACC, PCT = "eval_accuracy", "trainable_pct"
+
+
+@dataclass(frozen=True)
+class Noise:
+    sd: float           # accuracy points, one run
+    source: str         # "seeds" | "binomial"
+    detail: str
+
+    def band(self, n1: int = 1, n2: int = 1) -> float:
+        """Half-width (points) of the ~95% interval of a difference between two means."""
+        return 1.96 * self.sd * math.sqrt(1 / n1 + 1 / n2)
+
+
+def complete(df: pd.DataFrame) -> pd.DataFrame:
+    if not len(df):
+        return df
+    done = df[(df["status"] == "complete")]
+    return done[done[ACC].notna() & done[PCT].notna()]
+
+
+def pareto_mask(df: pd.DataFrame) -> pd.Series:
+    """True for rows no other row beats on both accuracy (higher) and trainable % (lower)."""
+    acc = df[ACC].to_numpy(dtype=float)
+    pct = df[PCT].to_numpy(dtype=float)
+    keep = []
+    for i in range(len(df)):
+        dominated = ((acc >= acc[i]) & (pct <= pct[i]) & ((acc > acc[i]) | (pct < pct[i]))).any()
+        keep.append(bool(np.isfinite(acc[i]) and np.isfinite(pct[i]) and not dominated))
+    return pd.Series(keep, index=df.index, dtype=bool)
+
+
+def config_columns(df: pd.DataFrame) -> list[str]:
+    """The searched parameters that define a configuration (the seed is the repetition axis)."""
+    return [c for c in df.columns if c.startswith("param.") and c != SEED]
+
+
+def varied(df: pd.DataFrame) -> list[str]:
+    return [c for c in config_columns(df) if df[c].astype(str).nunique() > 1]
+
+
+def noise(df: pd.DataFrame, eval_size: int | None) -> Noise | None:
+    done = complete(df)
+    if not len(done):
+        return None
+    keys = config_columns(done) + (["sweep"] if "sweep" in done else [])
+    groups = done.groupby([done[k].astype(str) for k in keys], sort=False)[ACC] if keys else [(0, done[ACC])]
+    dof, ss, n_repeated = 0, 0.0, 0
+    for _, acc in groups:
+        if len(acc) > 1:
+            n_repeated += 1
+            dof += len(acc) - 1
+            ss += float(((100 * acc - 100 * acc.mean()) ** 2).sum())
+    if dof:
+        sd = math.sqrt(ss / dof)
+        return Noise(sd, "seeds", f"pooled standard deviation {sd:.2f} points between repeated runs of "
+                                  f"{n_repeated} configuration(s) ({dof + n_repeated} runs)")
+    if not eval_size:
+        return None
+    p = float(done[ACC].mean())
+    sd = 100 * math.sqrt(max(p * (1 - p), 1e-12) / eval_size)
+    return Noise(sd, "binomial", f"no repeated seeds here, so this is the eval set's sampling error alone "
+                                 f"(binomial, {eval_size} examples, {sd:.2f} points per run); training "
+                                 f"noise between seeds comes on top (add a space over train.seed to measure it)")
+
+
+@dataclass(frozen=True)
+class Level:
+    """One configuration: its runs averaged over seeds."""
+    name: str
+    acc: float      # points
+    pct: float      # trainable %
+    params: float   # trainable parameters
+    runs: int
+    trials: tuple
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name} ({_trials(self.trials)})"
+
+
+def levels(done: pd.DataFrame, column: str | None) -> list[Level]:
+    """Configurations in table order; `column` groups by one parameter, None by the label."""
+    key = done[column].astype(str) if column else done["label"].astype(str)
+    out = []
+    for name, g in done.groupby(key, sort=False):
+        if column == "param.variant":  # the variant's label ("Query-Only"), not its key
+            name = str(g["label"].iloc[0]).split(", ")[0]
+        elif column:
+            name = _show(g[column].iloc[0])
+        out.append(Level(str(name), 100 * float(g[ACC].mean()),
+                         float(g[PCT].mean()), float(g["trainable_params"].mean()), len(g),
+                         tuple(int(t) for t in g["trial"])))
+    return out
+
+
+def sweep_findings(df: pd.DataFrame, eval_size: int | None, importances: dict | None = None) -> list[str]:
+    """Findings for one sweep (one study)."""
+    done = complete(df)
+    if not len(done):
+        return ["No complete trials yet, so nothing to compare."]
+    nz = noise(done, eval_size)
+    lines = []
+    vary = varied(done)
+    if len(vary) == 1:
+        column = vary[0]
+        lv = levels(done, column)
+        name = column.removeprefix("param.").split(".")[-1]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in done[column])
+        lines.append(_steps(name, lv, nz) if numeric else _against_best(lv, nz))
+    elif len(vary) > 1:
+        what = ", ".join(f"`{c.removeprefix('param.')}`" for c in vary)
+        line = f"{len(vary)} parameters varied together ({what}), so no single parameter's effect is isolated"
+        if importances:
+            line += "; fANOVA importance for accuracy: " + ", ".join(
+                f"`{k}` {v:.2f}" for k, v in importances.items())
+        lines.append(line + ".")
+    lines.append(_best(levels(done, None), nz))
+    lines.append(_cost(done))
+    if nz is not None:
+        lines.append(f"Noise band: ±{nz.band():.1f} points for two single runs; {nz.detail}.")
+    return lines
+
+
+def overall_findings(done: pd.DataFrame, nz: Noise | None) -> list[str]:
+    """Across sweeps: the best row and the Pareto-optimal rows."""
+    if not len(done):
+        return []
+    rows = [Level(f"{r['label']} [{r['sweep']}]", 100 * r[ACC], r[PCT], r["trainable_params"], 1,
+                  (int(r["trial"]),)) for _, r in done.iterrows()]
+    return [_best(rows, nz)]
+
+
+def pareto_sentence(done: pd.DataFrame, mask: pd.Series, sweep_col: bool = False) -> str:
+    names = [f"{r['label']}" + (f" [{r['sweep']}]" if sweep_col else "") for _, r in done[mask].iterrows()]
+    return ("Pareto-optimal (no other configuration is both more accurate and trains a smaller share of "
+            f"parameters; marked ✓ in the table): {', '.join(names)}.")
+
+
+# -- sentences ---------------------------------------------------------------------------------
+
+def _steps(name: str, lv: list[Level], nz: Noise | None) -> str:
+    parts, within, beyond = [], [], []
+    for a, b in zip(lv, lv[1:]):
+        d = b.acc - a.acc
+        verb = "gained" if d > 0 else "lost" if d < 0 else "changed nothing"
+        size = f" {abs(d):.1f} points" if d else ""
+        parts.append(f"{a.name} to {b.name} {verb}{size} ({a.acc:.1f}% → {b.acc:.1f}%, "
+                     f"{_ratio(b.params, a.params)} the trainable parameters)")
+        step = f"{a.name}→{b.name}"
+        if nz is not None and abs(d) < nz.band(a.runs, b.runs):
+            within.append(step)
+        else:
+            beyond.append(step)
+    text = f"Raising {name} from " + "; ".join(parts) + f" [{_trials([t for x in lv for t in x.trials])}]."
+    if nz is None:
+        return text
+    band = f"±{nz.band():.1f} points"
+    if not beyond:
+        return text + f" Every step is within noise ({band}): this sweep shows no trend in {name}."
+    gains = [b.acc - a.acc for a, b in zip(lv, lv[1:])]
+    if within:
+        text += f" Within noise ({band}): {', '.join(within)}; beyond it: {', '.join(beyond)}."
+    if len(gains) > 1 and all(g > 0 for g in gains) and all(x > y for x, y in zip(gains, gains[1:])):
+        text += " Gains diminish as it grows."
+    return text
+
+
+def _against_best(lv: list[Level], nz: Noise | None) -> str:
+    best = max(lv, key=lambda x: (x.acc, -x.params))
+    parts = []
+    for x in lv:
+        if x is best:
+            continue
+        d = best.acc - x.acc
+        noise_note = ""
+        if nz is not None:
+            noise_note = " (within noise)" if 0 < round(d, 1) and d < nz.band(x.runs, best.runs) else ""
+        worse = f"{d:.1f} points less accurate" if round(d, 1) else "as accurate"
+        parts.append(f"{x.ref} trained {_fewer_more(x.params, best.params)} and was {worse}{noise_note}")
+    head = f"Against the most accurate, {best.ref} at {best.acc:.1f}%: "
+    return head + "; ".join(parts) + "." if parts else f"Only {best.ref} completed."
+
+
+def _best(lv: list[Level], nz: Noise | None) -> str:
+    best = max(lv, key=lambda x: (x.acc, -x.params))  # a tie goes to the smaller adapter
+    text = f"Best configuration: {best.ref}, {best.acc:.1f}% accuracy with {best.pct:.2f}% of parameters trainable."
+    if nz is None:
+        return text
+    close = [x for x in lv if x is not best and best.acc - x.acc < nz.band(x.runs, best.runs)]
+    if close:
+        cheapest = min([best, *close], key=lambda x: x.params)
+        text += (f" Within noise of it (±{nz.band():.1f} points): {', '.join(x.name for x in close)}"
+                 + (f"; the cheapest of these is {cheapest.ref}, {cheapest.pct:.2f}% trainable."
+                    if cheapest is not best else "; none trains fewer parameters."))
+    return text
+
+
+def _cost(done: pd.DataFrame) -> str:
+    def span(col: str, fmt: str) -> str:
+        v = done[col].dropna()
+        if not len(v):
+            return "not measured"
+        lo, hi = done.loc[v.idxmin()], done.loc[v.idxmax()]
+        return (f"{fmt.format(v.min())} ({lo['label']}) to {fmt.format(v.max())} ({hi['label']})"
+                if len(v) > 1 else fmt.format(v.min()))
+
+    return (f"Time per epoch ranged from {span('epoch_time_s', '{:.1f} s')}; peak memory from "
+            f"{span('peak_memory_mb', '{:,.0f} MB')}.")
+
+
+def _fewer_more(n: float, ref: float) -> str:
+    if n < ref:
+        return f"{100 * (1 - n / ref):.0f}% fewer parameters"
+    if n == ref:
+        return "as many parameters"
+    return f"{100 * (n / ref - 1):.0f}% more parameters" if n < 2 * ref else f"{n / ref:.1f}× the parameters"
+
+
+def _ratio(n: float, ref: float) -> str:
+    return f"{n / ref:.1f}×" if ref else "?"
+
+
+def _trials(numbers) -> str:
+    numbers = list(numbers)
+    return ("trial " if len(numbers) == 1 else "trials ") + ", ".join(f"#{n}" for n in numbers)
+
+
+def _show(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def param_importances(study, metric: str = ACC) -> dict | None:
+    """fANOVA importances of the searched parameters for `metric` (seeded, so a rebuilt report
+    reads the same); None when fewer than two parameters vary or too few trials completed."""
+    import warnings
+
+    import optuna
+
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    vary = [p for p in sorted({k for t in done for k in t.params})
+            if len({repr(t.params.get(p)) for t in done}) > 1]
+    if len(vary) < 2 or len(done) < 3:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return optuna.importance.get_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0),
+            target=lambda t: float(t.user_attrs.get(metric, float("nan"))))
