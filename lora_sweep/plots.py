@@ -135,7 +135,7 @@ def _optuna_plots(plt, study, metric: str, out: Path) -> list[Path]:
                  study, target=target, target_name=metric)))
     for name, draw in draws:
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), plt.rc_context():  # optuna switches the global style to ggplot
                 warnings.simplefilter("ignore")
                 ax = draw()
             fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure

@@ -11,13 +11,15 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import time
 
 
 class Progress:
     """The plain version: the log lines are the progress report."""
 
-    def __init__(self, planned: int, epochs: int, metric: str, direction: str):
+    def __init__(self, planned: int, epochs: int, metric: str, direction: str, stream=None):
         self.planned, self.epochs, self.metric, self.direction = planned, epochs, metric, direction
+        self.stream = stream
         self.done = 0
         self.best: tuple[float, str] | None = None
         self._epoch = 0
@@ -57,16 +59,17 @@ class LiveProgress(Progress):
     def __enter__(self):
         from rich.console import Console
         from rich.logging import RichHandler
-        from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeElapsedColumn
 
-        self.console = Console()
-        # ETA from the mean pace of the whole sweep: an epoch takes longer than rich's default 30 s window.
+        self.console = Console(file=self.stream, force_terminal=True) if self.stream else Console()
         self.bar = Bar(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[trials]}"),
                        TextColumn("{task.fields[current]}"), TextColumn("[green]{task.fields[best]}"),
-                       TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                       console=self.console, speed_estimate_period=24 * 3600, refresh_per_second=2)
+                       TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}"),
+                       console=self.console, refresh_per_second=2)
         self.task = self.bar.add_task("sweep", total=self.planned * self.epochs, trials=self._trials(),
-                                      current="", best=self.best_text())
+                                      current="", best=self.best_text(), eta="?")
+        self._start = time.monotonic()
+        self._units = 0
         root = logging.getLogger()
         self._handlers = root.handlers[:]
         handler = RichHandler(console=self.console, show_path=False, show_level=False, markup=False,
@@ -83,8 +86,16 @@ class LiveProgress(Progress):
     def _trials(self) -> str:
         return f"{self.done}/{self.planned} trials"
 
-    def _update(self, **kw) -> None:
-        self.bar.update(self.task, trials=self._trials(), best=self.best_text(), **kw)
+    def _update(self, advance: int = 0, **kw) -> None:
+        # ETA from the sweep's own mean pace per epoch (rich's estimate needs several updates inside a
+        # 30 s window; one epoch can take longer than that).
+        self._units += advance
+        left = self.planned * self.epochs - self._units
+        eta = "?"
+        if self._units:
+            seconds = int((time.monotonic() - self._start) / self._units * left)
+            eta = f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+        self.bar.update(self.task, advance=advance, trials=self._trials(), best=self.best_text(), eta=eta, **kw)
 
     def trial_started(self, number: int, label: str) -> None:
         super().trial_started(number, label)
@@ -102,6 +113,6 @@ class LiveProgress(Progress):
 
 
 def progress_for(planned: int, epochs: int, metric: str, direction: str, stream=None) -> Progress:
-    stream = stream or sys.stdout
-    live = hasattr(stream, "isatty") and stream.isatty()
-    return (LiveProgress if live else Progress)(planned, epochs, metric, direction)
+    """LiveProgress when `stream` (stdout by default) is a terminal, else the plain one."""
+    live = hasattr(stream or sys.stdout, "isatty") and (stream or sys.stdout).isatty()
+    return (LiveProgress if live else Progress)(planned, epochs, metric, direction, stream)

@@ -263,7 +263,8 @@ def summary(config: Config, study: optuna.Study) -> str:
     done = df[df["status"] == "complete"]
     if len(done):
         metric = config.study.metric
-        pick = done[metric].idxmax() if config.study.direction == "maximize" else done[metric].idxmin()
+        sign = 1 if config.study.direction == "maximize" else -1  # ties: the smaller adapter, as in the findings
+        pick = max(done.index, key=lambda i: (sign * done.loc[i, metric], -done.loc[i, "trainable_params"]))
         value = done.loc[pick, metric]
         best = f"Best: {done.loc[pick, 'label']} ({metric}={value:.4f})\n" if not math.isnan(value) else ""
     store = config.tracking_uri

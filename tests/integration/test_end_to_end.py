@@ -88,10 +88,21 @@ def test_two_trial_rank_sweep_end_to_end(tmp_path):
 
     # The report: the guide's columns, one row per trial, counts matching MLflow.
     report = (tmp_path / "reports" / "rank" / "report.md").read_text()
-    header = "| Configuration | Accuracy | Parameters (trainable %) | Memory (MB) | Training Time (s per epoch) |"
+    from lora_sweep.report import COLUMNS
+
+    header = "|" + "|".join(COLUMNS) + "|"
     assert header.replace(" ", "") in report.replace(" ", "")
+    rows = [line.replace(" ", "").split("|") for line in report.splitlines() if line.startswith("| r=")]
     for r, m in by_r.items():
-        assert f"{int(m['trainable_params']):,} ({m['trainable_pct']:.2f}%)" in report
+        row = next(cells for cells in rows if cells[1] == f"r={r}")
+        assert row[3:5] == [f"{int(m['trainable_params']):,}", f"{m['trainable_pct']:.2f}"]
+    assert "## Findings" in report and "Raising r from 4 to 8" in report
+    for png in ("accuracy_vs_trainable.png", "epoch_curves.png", "cost.png"):
+        assert (tmp_path / "reports" / "rank" / png).stat().st_size > 0
+    assert sorted(a.path for a in client.list_artifacts(parents[0].info.run_id, "report")) == [
+        "report/accuracy_vs_trainable.png", "report/cost.png", "report/epoch_curves.png", "report/report.csv",
+        "report/report.md"]
+    assert sorted(c.info.run_name for c in children) == ["r=4 a=8 qkvo", "r=8 a=16 qkvo"]
     assert "AMD" in report or "Intel" in report or "CPU" in report
     csv = (tmp_path / "reports" / "rank" / "report.csv").read_text().splitlines()
     assert len(csv) == 3
