@@ -49,10 +49,10 @@ def write_combined(config: Config) -> tuple[Path, str]:
     names = done["label"].astype(str) + " [" + done["sweep"].astype(str) + "]" if len(done) else None
     sizes = {s.user_attrs.get("meta", {}).get("eval_size") for s in studies.values()}
     nz = findings.noise(done, next(iter(sizes)) if len(sizes) == 1 else None) if len(done) else None
-    plots = report._fresh_plots(out, lambda: write_plots(done, pareto, out, None, names=names,
+    plots = report.fresh_plots(out, lambda: write_plots(done, pareto, out, None, names=names,
                                                          noise_sd=nz.sd if nz else None))
     text = markdown(config, studies, df, plots)
-    md = report._write(out, text, df)
+    md = report.write_files(out, text, df)
     table = report.guide_table(df, sweep_column=True) if len(df) else pd.DataFrame()
     return md, "\n" + (report.to_markdown(table) if len(table) else "No complete trials.") + "\n"
 
@@ -78,7 +78,7 @@ def markdown(config: Config, studies: dict, df: pd.DataFrame, plots: list[Path])
     lines += ["", "## Results", ""]
     table = report.guide_table(df, sweep_column=True) if len(df) else pd.DataFrame()
     lines.append(report.to_markdown(table) if len(table) else "_No complete trials yet._")
-    lines += ["", *report._notes(df), "", "## Findings", ""]
+    lines += ["", *report.notes_lines(df), "", "## Findings", ""]
     eval_sizes = {m.get("eval_size") for m in metas.values()}
     eval_size = next(iter(eval_sizes)) if len(eval_sizes) == 1 else None
     done = findings.complete(df)
@@ -92,7 +92,7 @@ def markdown(config: Config, studies: dict, df: pd.DataFrame, plots: list[Path])
         found = findings.sweep_findings(sub, metas[name].get("eval_size"),
                                         findings.param_importances(study, config.study.metric))
         lines += [f"- {f}" for f in found]
-    lines += report._plots_section(plots)
-    lines += report._problems(df.assign(label=df["label"] + " [" + df["sweep"] + "]") if len(df) else df)
+    lines += report.plots_section(plots)
+    lines += report.problems_section(df.assign(label=df["label"] + " [" + df["sweep"] + "]") if len(df) else df)
     lines.append("")
     return "\n".join(lines)

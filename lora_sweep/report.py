@@ -1,8 +1,9 @@
-"""Stored results (the Optuna study) -> pandas -> reports/<sweep>/report.md + report.csv.
+"""Stored results (the Optuna study) -> pandas -> reports/<sweep>/report.md + report.csv + plots.
 
-The markdown table has the columns of the guide's "Applied Examples" table (seed 004), one row per
-trial; every figure comes from the trial's stored record, so `python -m lora_sweep report
-+sweep=NAME` rebuilds it without training.
+The markdown table has the columns of the guide's "Applied Examples" table (seed 004), units in the
+headers, one row per trial with its Pareto mark and trial number; findings (findings.py) and PNG
+plots (plots.py) follow. Every figure comes from the trial's stored record, so `python -m lora_sweep
+report +sweep=NAME` rebuilds it without training; publish() puts it on the sweep's MLflow parent run.
 """
 
 from __future__ import annotations
@@ -133,20 +134,20 @@ def markdown(config: Config, study: optuna.Study, df: pd.DataFrame, plots: list[
     lines += ["", "## Results", ""]
     table = guide_table(df) if len(df) else pd.DataFrame()
     lines.append(to_markdown(table) if len(table) else "_No complete trials yet._")
-    lines += ["", *_notes(df)]
+    lines += ["", *notes_lines(df)]
     done = complete(df)
     lines += ["", "## Findings", ""]
     found = sweep_findings(df, _eval_size(study), param_importances(study, config.study.metric))
     if len(done):
         found.insert(len(found) - 1, pareto_sentence(done, pareto_mask(done)))
     lines += [f"- {f}" for f in found]
-    lines += _plots_section(plots)
-    lines += _problems(df)
+    lines += plots_section(plots)
+    lines += problems_section(df)
     lines.append("")
     return "\n".join(lines)
 
 
-def _notes(df: pd.DataFrame) -> list[str]:
+def notes_lines(df: pd.DataFrame) -> list[str]:
     kinds = sorted(set(df.get("memory_kind", pd.Series(dtype=str)).dropna()) - {""}) if len(df) else []
     notes = ["Accuracy: eval accuracy after the last epoch.",
              "Trainable params: trainable parameters as peft counts them (LoRA weights plus the classifier "
@@ -159,7 +160,7 @@ def _notes(df: pd.DataFrame) -> list[str]:
     return [f"_{note}_  " for note in notes]
 
 
-def _plots_section(plots) -> list[str]:
+def plots_section(plots) -> list[str]:
     if not plots:
         return []
     lines = ["", "## Plots", ""]
@@ -168,7 +169,7 @@ def _plots_section(plots) -> list[str]:
     return lines[:-1]
 
 
-def _problems(df: pd.DataFrame) -> list[str]:
+def problems_section(df: pd.DataFrame) -> list[str]:
     problems = df[df["status"].isin(["failed", "pruned"])] if len(df) else df
     if not len(problems):
         return []
@@ -197,18 +198,18 @@ def write_report(config: Config, study: optuna.Study | None = None) -> Path | No
     out.mkdir(parents=True, exist_ok=True)
     done = complete(df)
     nz = noise(done, _eval_size(study))
-    plots = _fresh_plots(out, lambda: write_plots(done, pareto_mask(done), out, study, config.study.metric,
+    plots = fresh_plots(out, lambda: write_plots(done, pareto_mask(done), out, study, config.study.metric,
                                                   noise_sd=nz.sd if nz else None))
-    return _write(out, markdown(config, study, df, plots), df)
+    return write_files(out, markdown(config, study, df, plots), df)
 
 
-def _fresh_plots(out: Path, draw) -> list[Path]:
+def fresh_plots(out: Path, draw) -> list[Path]:
     for name in TITLES:  # a plot the data no longer supports must not linger from an earlier run
         (out / name).unlink(missing_ok=True)
     return draw()
 
 
-def _write(out: Path, text: str, df: pd.DataFrame) -> Path:
+def write_files(out: Path, text: str, df: pd.DataFrame) -> Path:
     md = out / "report.md"
     tmp = md.with_suffix(".md.tmp")
     tmp.write_text(text)

@@ -56,3 +56,13 @@ def test_run_names_read_like_the_configuration(make_config):
 def test_report_over_several_sweeps_from_the_command_line():
     assert normalise_argv(["report", "sweep=rank,bias"]) == ["mode=report", "+sweep=rank", "report.sweeps=[rank,bias]"]
     assert normalise_argv(["+sweep=rank"]) == ["+sweep=rank"]
+
+
+def test_several_sweeps_only_in_report_mode(compose_cfg, tmp_path, capsys):
+    from lora_sweep.__main__ import run
+
+    cfg = compose_cfg(["+sweep=rank", "report.sweeps=[rank,bias]", f"paths.sweeps_dir={tmp_path / 'sweeps'}"])
+    assert run(cfg) == 2
+    assert "report.sweeps=['rank', 'bias']: several sweeps go into one report only in report mode" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "sweeps").exists()
