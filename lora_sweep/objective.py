@@ -15,7 +15,7 @@ from typing import Callable
 
 import optuna
 
-from lora_sweep import adapters, data, models
+from lora_sweep import adapters, data, models, tasks
 from lora_sweep.config import Config, TrialSettings
 from lora_sweep.metrics import PeakMemory, release_memory
 from lora_sweep.progress import Progress
@@ -27,6 +27,8 @@ log = logging.getLogger("lora_sweep")
 # What the report and the objective read from a finished trial (Optuna user attrs, MLflow metrics).
 RESULT_KEYS = ("eval_accuracy", "eval_loss", "eval_f1", "train_loss", "trainable_params", "total_params",
                "trainable_pct", "peak_memory_mb", "epoch_time_s", "adapter_size_mb", "train_seconds", "eval_seconds")
+# Language-model tasks only (lora_sweep/tasks.py); on plain text eval_accuracy/eval_f1 are absent.
+LM_RESULT_KEYS = ("eval_perplexity",)
 
 
 @dataclass
@@ -44,8 +46,9 @@ def run_trial(settings: TrialSettings, device: str, on_epoch: Callable[[int, dic
     """Fine-tune one LoRA configuration and measure it. Pure of Optuna/MLflow: usable alone."""
     from transformers import set_seed
 
-    base = models.load_base(settings.model, _labels(settings), settings.train.seed)
-    splits = data.tokenized(settings.data, base.tokenizer, tokenizer_key=settings.model.name_or_path)
+    task = tasks.get_task(settings.lora.task_type, settings.data)
+    base = models.load_base(settings.model, _labels(settings), settings.train.seed, settings.lora.task_type)
+    splits = data.tokenized(settings.data, base.tokenizer, tokenizer_key=settings.model.name_or_path, task=task)
     model = peft_model = None
     try:
         with PeakMemory(device) as memory:
@@ -56,7 +59,7 @@ def run_trial(settings: TrialSettings, device: str, on_epoch: Callable[[int, dic
             trainable, total = adapters.parameter_counts(peft_model)
             t0 = time.perf_counter()
             outcome = train(peft_model, base.tokenizer, splits.train, splits.eval, settings.train, device,
-                            on_epoch)
+                            on_epoch, task=task, generate=splits.generate, labels=splits.labels)
             wall = time.perf_counter() - t0
         result = TrialResult(epochs=outcome.epochs, target_modules=targets.names, memory_kind=memory.kind,
                              batch_shapes=outcome.batch_shapes)
@@ -89,7 +92,7 @@ def _target_names(settings: TrialSettings) -> tuple:
     cached, and loading one just to name its modules would double the trial's load time)."""
     if settings.model.load_in_4bit:
         return ()
-    base = models.load_base(settings.model, _labels(settings), settings.train.seed)
+    base = models.load_base(settings.model, _labels(settings), settings.train.seed, settings.lora.task_type)
     return adapters.resolve_targets(settings.lora.target_modules, base.model).names
 
 
@@ -183,7 +186,7 @@ class Objective:
             self.progress.trial_finished()
             log.warning("%s failed: %s", tag, error)
             raise
-        final = {k: result.metrics[k] for k in RESULT_KEYS if k in result.metrics}
+        final = {k: result.metrics[k] for k in RESULT_KEYS + LM_RESULT_KEYS if k in result.metrics}
         for k, v in final.items():
             trial.set_user_attr(k, v)
         trial.set_user_attr("epochs", result.epochs)
@@ -194,9 +197,9 @@ class Objective:
         self.tracker.finish_trial(run_id, "complete")
         m = result.metrics
         self.progress.trial_finished(m.get(self.config.study.metric), point.label)
-        log.info("%s done: eval_accuracy=%.4f  trainable=%s (%.2f%%)  peak_memory=%.0f MB  %.1f s/epoch", tag,
-                 m.get("eval_accuracy", float("nan")), f"{m['trainable_params']:,}", m["trainable_pct"],
-                 m["peak_memory_mb"], m["epoch_time_s"])
+        quality = "  ".join(f"{k}={m[k]:.4f}" for k in ("eval_accuracy", "eval_perplexity") if k in m)
+        log.info("%s done: %s  trainable=%s (%.2f%%)  peak_memory=%.0f MB  %.1f s/epoch", tag, quality,
+                 f"{m['trainable_params']:,}", m["trainable_pct"], m["peak_memory_mb"], m["epoch_time_s"])
         return m[self.config.study.metric]
 
 

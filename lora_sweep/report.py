@@ -38,6 +38,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         for key in ("eval_accuracy", "eval_f1", "eval_loss", "train_loss", "trainable_params", "total_params",
                     "trainable_pct", "peak_memory_mb", "epoch_time_s", "adapter_size_mb", "train_seconds"):
             row[key] = ua.get(key)
+        row["eval_perplexity"] = ua.get("eval_perplexity")  # language-model tasks (lora_sweep/tasks.py)
         row["memory_kind"] = ua.get("memory_kind", "")
         row.update({f"param.{k}": v for k, v in t.params.items()})
         row["mlflow_run_id"] = ua.get("mlflow_run_id", "")
@@ -72,9 +73,12 @@ def guide_table(df: pd.DataFrame, sweep_column: bool = False) -> pd.DataFrame:
     """The guide's columns, units in the headers, formatted for reading. Complete trials only."""
     done = complete(df)
     pareto = pareto_mask(done) if len(done) else pd.Series(dtype=bool)
+    if "eval_perplexity" in df:  # language models on plain text have perplexity but no accuracy
+        done = df[(df["status"] == "complete") & (df["eval_accuracy"].notna() | df["eval_perplexity"].notna())]
+        pareto = pareto.reindex(done.index, fill_value=False)
     table = pd.DataFrame({
         "Configuration": done["label"].map(_cell),
-        "Accuracy (%)": done["eval_accuracy"].map(lambda v: f"{100 * v:.1f}"),
+        "Accuracy (%)": done["eval_accuracy"].map(lambda v: "n/a" if pd.isna(v) else f"{100 * v:.1f}"),
         "Trainable params": done["trainable_params"].map(lambda v: f"{int(v):,}"),
         "Trainable (%)": done["trainable_pct"].map(lambda v: f"{v:.2f}"),
         "Memory (MB)": done["peak_memory_mb"].map(lambda v: f"{v:,.0f}" if pd.notna(v) else "n/a"),
@@ -82,6 +86,9 @@ def guide_table(df: pd.DataFrame, sweep_column: bool = False) -> pd.DataFrame:
         "Pareto": pareto.map(lambda p: "✓" if p else ""),
         "Trial": done["trial"].map(lambda n: f"#{n}"),
     })
+    if "eval_perplexity" in done and done["eval_perplexity"].notna().any():  # CAUSAL_LM / SEQ_2_SEQ_LM
+        table.insert(2, "Perplexity", done["eval_perplexity"].map(
+            lambda v: "n/a" if pd.isna(v) else f"{v:.2f}"))
     if sweep_column:
         table.insert(0, "Sweep", done["sweep"].map(_cell))
     return table
@@ -110,6 +117,7 @@ def _facts(config: Config, study: optuna.Study, df: pd.DataFrame) -> list[tuple[
         ("Data", f"`{meta.get('data', config.base.data.name_or_path)}`, labels {meta.get('labels', '?')}, "
                  f"{meta.get('train_size', '?')} train / {meta.get('eval_size', '?')} eval examples, "
                  f"max_length {meta.get('max_length', '?')}"),
+        ("Task", meta.get("task_type", config.base.lora.task_type)),
         ("Device", meta.get("device", "?")),
         ("Date", meta.get("date", "?")),
         ("Search", f"{meta.get('sampler', '?')} over "
@@ -149,7 +157,8 @@ def markdown(config: Config, study: optuna.Study, df: pd.DataFrame, plots: list[
 
 def notes_lines(df: pd.DataFrame) -> list[str]:
     kinds = sorted(set(df.get("memory_kind", pd.Series(dtype=str)).dropna()) - {""}) if len(df) else []
-    notes = ["Accuracy: eval accuracy after the last epoch.",
+    language_model = "eval_perplexity" in df and df["eval_perplexity"].notna().any()
+    notes = [*(_LM_NOTES if language_model else ["Accuracy: eval accuracy after the last epoch."]),
              "Trainable params: trainable parameters as peft counts them (LoRA weights plus the classifier "
              "head that peft trains in full); Trainable (%): their share of all parameters.",
              "Training time: mean seconds per epoch of training, evaluation excluded.",
@@ -179,6 +188,10 @@ def problems_section(df: pd.DataFrame) -> list[str]:
         lines.append(f"- trial {row['trial']} ({row['label']}): **{row['status']}**: {why}")
     return lines
 
+
+_LM_NOTES = ["Accuracy: share of eval examples (the first data.generate_size) whose greedily generated answer "
+             "is exactly the label, after the last epoch; n/a on plain text.",
+             "Perplexity: exp(eval_loss), the loss on the answer tokens only (every token on plain text)."]
 
 _MEMORY_NOTES = {
     "cuda_max_allocated": "peak CUDA memory allocated by torch during the trial (counters reset per trial)",

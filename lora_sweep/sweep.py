@@ -38,7 +38,7 @@ def preflight(config: Config, space: SearchSpace) -> str:
         labels = data.load_splits(s.data).labels
         if s.model.load_in_4bit:
             continue  # needs CUDA; on a CPU the trial itself records why it cannot run
-        base = models.load_base(s.model, labels, s.train.seed)
+        base = models.load_base(s.model, labels, s.train.seed, s.lora.task_type)
         adapters.resolve_targets(s.lora.target_modules, base.model)
     return device
 
@@ -98,6 +98,7 @@ def _meta(config: Config, sampler: str, device: str) -> dict:
         "eval_size": config.base.data.eval_size,
         "max_length": config.base.data.max_length,
         "labels": list(data.load_splits(config.base.data).labels),
+        "task_type": config.base.lora.task_type,
         "device": environment.device_description(device),
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "sampler": sampler,

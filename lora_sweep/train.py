@@ -2,7 +2,9 @@
 
 A callback times each epoch's training alone (on_epoch_begin -> on_epoch_end; the Trainer runs
 evaluation after on_epoch_end), stops on a non-finite loss, and hands each epoch's eval metrics to
-the caller, which reports them to Optuna (pruning) and MLflow.
+the caller, which reports them to Optuna (pruning) and MLflow. The task (lora_sweep/tasks.py) picks
+the collator and the metrics; for language models it also generates answers after each evaluation
+(that time counts as evaluation, not training).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from typing import Callable
 
 import torch
 from transformers import (
-    DataCollatorWithPadding,
     PrinterCallback,
     Trainer,
     TrainerCallback,
@@ -23,7 +24,7 @@ from transformers import (
 )
 
 from lora_sweep.config import TrainConfig
-from lora_sweep.metrics import classification_metrics
+from lora_sweep.tasks import SequenceClassification, Task
 
 
 class NonFiniteLoss(RuntimeError):
@@ -50,10 +51,16 @@ class TrainResult:
 
 
 class _TrialCallback(TrainerCallback):
-    def __init__(self, result: TrainResult, on_epoch: Callable[[int, dict], None]):
+    def __init__(self, result: TrainResult, on_epoch: Callable[[int, dict], None], task: Task, tokenizer,
+                 generate: dict | None, labels: tuple, batch_size: int):
         self.result = result
         self.on_epoch = on_epoch
         self.training = False
+        self.task = task
+        self.tokenizer = tokenizer
+        self.generate = generate
+        self.labels = labels
+        self.batch_size = batch_size
         self._t0 = 0.0
 
     def on_epoch_begin(self, args, state, control, **kwargs):
@@ -70,12 +77,12 @@ class _TrialCallback(TrainerCallback):
             raise NonFiniteLoss(f"training loss became {loss} at step {state.global_step} "
                                 f"(epoch {state.epoch:.2f}); lower train.learning_rate or check the data.")
 
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
         metrics = dict(metrics or {})
-        self.result.eval_seconds += metrics.get("eval_runtime", 0.0)
+        t0 = time.perf_counter()
+        row = self.task.epoch_metrics(metrics, model, self.tokenizer, self.generate, self.batch_size, self.labels)
+        self.result.eval_seconds += metrics.get("eval_runtime", 0.0) + time.perf_counter() - t0
         epoch = len(self.result.epochs) + 1
-        row = {k: float(v) for k, v in metrics.items()
-               if k in ("eval_accuracy", "eval_loss", "eval_f1")}
         self.result.epochs.append(row)
         self.on_epoch(epoch, row)  # may raise optuna.TrialPruned: it ends training here
 
@@ -108,9 +115,13 @@ def mixed_precision(settings: TrainConfig, device: str) -> dict:
 
 
 def train(model, tokenizer, train_set, eval_set, settings: TrainConfig, device: str,
-          on_epoch: Callable[[int, dict], None]) -> TrainResult:
+          on_epoch: Callable[[int, dict], None], task: Task | None = None, generate: dict | None = None,
+          labels: tuple = ()) -> TrainResult:
+    """`generate`/`labels`: the eval prompts whose answers a language-model task generates (Splits.generate)."""
+    task = task or SequenceClassification(None)
     result = TrainResult()
-    callback = _TrialCallback(result, on_epoch)
+    callback = _TrialCallback(result, on_epoch, task, tokenizer, generate, labels,
+                              settings.per_device_eval_batch_size)
     with tempfile.TemporaryDirectory(prefix="lora-sweep-") as out:
         args = TrainingArguments(
             output_dir=out,
@@ -133,6 +144,7 @@ def train(model, tokenizer, train_set, eval_set, settings: TrainConfig, device: 
             report_to="none",
             disable_tqdm=True,
             dataloader_pin_memory=device == "cuda",
+            prediction_loss_only=task.prediction_loss_only,
             **mixed_precision(settings, device),
         )
         trainer = Trainer(
@@ -140,8 +152,8 @@ def train(model, tokenizer, train_set, eval_set, settings: TrainConfig, device: 
             args=args,
             train_dataset=train_set,
             eval_dataset=eval_set,
-            data_collator=_ShapeRecorder(DataCollatorWithPadding(tokenizer), callback),
-            compute_metrics=lambda p: classification_metrics(p.predictions, p.label_ids),
+            data_collator=_ShapeRecorder(task.collator(tokenizer), callback),
+            compute_metrics=task.compute_metrics(),
             callbacks=[callback],
         )
         trainer.remove_callback(PrinterCallback)  # our own progress lines replace its dict dumps

@@ -1,0 +1,238 @@
+"""What differs between lora.task_type SEQ_CLS, CAUSAL_LM and SEQ_2_SEQ_LM, one class each:
+the model class, how examples become tokens, how batches are padded, and what is measured.
+
+- SEQ_CLS: a classification head reads the text; eval_accuracy, eval_f1 (macro), eval_loss.
+- CAUSAL_LM, labelled data: the model reads `data.prompt` ("Sentiment of: {text} ->") and is trained
+  to write " <label>" + EOS, with the loss on those answer tokens only. Every epoch it also greedily
+  generates an answer for the eval prompts: eval_accuracy is the share whose answer is exactly the
+  label (eval_f1 its macro F1), next to eval_loss and eval_perplexity = exp(eval_loss).
+- CAUSAL_LM, plain text (data.label_column=null): language modelling on every token; eval_loss and
+  eval_perplexity.
+- SEQ_2_SEQ_LM: the encoder reads the prompt, the decoder writes the label; same metrics as labelled
+  CAUSAL_LM.
+"""
+
+from __future__ import annotations
+
+import math
+
+from lora_sweep.config import DataConfig
+
+IGNORE = -100  # label id the loss skips (prompt tokens, padding)
+
+
+def metric_names(task_type: str, labelled: bool = True) -> tuple[str, ...]:
+    """The metrics a trial of this task reports every epoch (study.metric must be one of them)."""
+    if task_type == "SEQ_CLS":
+        return ("eval_accuracy", "eval_f1", "eval_loss")
+    if labelled:
+        return ("eval_accuracy", "eval_f1", "eval_loss", "eval_perplexity")
+    return ("eval_loss", "eval_perplexity")
+
+
+def get_task(task_type: str, data: DataConfig | None = None) -> "Task":
+    """The task for lora.task_type; `data` may be left out where only the model class is wanted."""
+    return {"SEQ_CLS": SequenceClassification, "CAUSAL_LM": CausalLM, "SEQ_2_SEQ_LM": Seq2SeqLM}[task_type](data)
+
+
+class Task:
+    task_type = ""
+    auto_class = ""                # the transformers Auto class that loads the model
+    prediction_loss_only = True    # the Trainer gathers no logits (a vocabulary's worth per token)
+
+    def __init__(self, data: DataConfig | None):
+        self.data = data
+        self.labelled = data is None or data.label_column is not None
+
+    def model_class(self):
+        import transformers
+
+        return getattr(transformers, self.auto_class)
+
+    def model_kwargs(self, labels: tuple) -> dict:
+        return {}
+
+    def encode(self, dataset, tokenizer, labels: tuple):
+        """Raw split (text[, labels]) -> tokenized dataset the Trainer consumes."""
+        raise NotImplementedError
+
+    def generation_set(self, dataset, tokenizer, labels: tuple):
+        """Eval examples whose answer is generated each epoch (None: this task generates nothing)."""
+        return None
+
+    def collator(self, tokenizer):
+        from transformers import DataCollatorForSeq2Seq
+
+        # Pads input_ids/attention_mask with the tokenizer and labels with IGNORE, for both LM kinds.
+        return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE)
+
+    def compute_metrics(self):
+        return None
+
+    def epoch_metrics(self, trainer_metrics: dict, model, tokenizer, generate, batch_size: int,
+                      labels: tuple) -> dict:
+        """The row reported for one epoch: eval_loss and perplexity, plus generated-label scores."""
+        loss = float(trainer_metrics["eval_loss"])
+        row = {"eval_loss": loss, "eval_perplexity": perplexity(loss)}
+        if generate is not None:
+            predictions = self.generate_answers(model, tokenizer, generate, batch_size)
+            row.update(label_scores(predictions, [str(labels[i]) for i in generate["labels"]], labels))
+        return row
+
+    def generate_answers(self, model, tokenizer, generate: dict, batch_size: int) -> list[str]:
+        """Greedy answers to generate["prompt_ids"], at most as long as the longest label's tokens."""
+        import torch
+
+        prompts = generate["prompt_ids"]
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        out = []
+        try:
+            with torch.no_grad():
+                for i in range(0, len(prompts), batch_size):
+                    batch = tokenizer.pad({"input_ids": prompts[i:i + batch_size]}, padding_side="left",
+                                          return_tensors="pt").to(device)
+                    generated = model.generate(**batch, max_new_tokens=generate["max_new_tokens"],
+                                               do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                    out += [t.strip() for t in tokenizer.batch_decode(self.new_tokens(generated, batch),
+                                                                     skip_special_tokens=True)]
+        finally:
+            model.train(was_training)
+        return out
+
+    def new_tokens(self, generated, batch):
+        return generated[:, batch["input_ids"].shape[1]:]  # decoder-only: the prompt comes back first
+
+
+class SequenceClassification(Task):
+    task_type = "SEQ_CLS"
+    auto_class = "AutoModelForSequenceClassification"
+    prediction_loss_only = False
+
+    def model_kwargs(self, labels: tuple) -> dict:
+        return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                "label2id": {label: i for i, label in enumerate(labels)}}
+
+    def encode(self, dataset, tokenizer, labels: tuple):
+        max_length = self.data.max_length
+        return dataset.map(lambda b: tokenizer(b["text"], truncation=True, max_length=max_length),
+                           batched=True, remove_columns=["text"])
+
+    def collator(self, tokenizer):
+        from transformers import DataCollatorWithPadding
+
+        return DataCollatorWithPadding(tokenizer)
+
+    def compute_metrics(self):
+        from lora_sweep.metrics import classification_metrics
+
+        return lambda p: classification_metrics(p.predictions, p.label_ids)
+
+    def epoch_metrics(self, trainer_metrics: dict, model, tokenizer, generate, batch_size: int,
+                      labels: tuple) -> dict:
+        return {k: float(v) for k, v in trainer_metrics.items() if k in ("eval_accuracy", "eval_loss", "eval_f1")}
+
+
+class CausalLM(Task):
+    task_type = "CAUSAL_LM"
+    auto_class = "AutoModelForCausalLM"
+
+    def encode(self, dataset, tokenizer, labels: tuple):
+        if not self.labelled:
+            return dataset.map(lambda b: self._plain(b, tokenizer), batched=True, remove_columns=["text"])
+        answers = self._answers(tokenizer, labels)
+        longest = max(map(len, answers))
+
+        def encode(batch):
+            ids, targets = [], []
+            for prompt, label in zip(self._prompts(batch["text"], tokenizer, longest), batch["labels"]):
+                ids.append(prompt + answers[label])
+                targets.append([IGNORE] * len(prompt) + answers[label])  # loss on the answer only
+            return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids], "labels": targets}
+
+        return dataset.map(encode, batched=True, remove_columns=dataset.column_names)
+
+    def generation_set(self, dataset, tokenizer, labels: tuple):
+        if not self.labelled:
+            return None
+        longest = max(map(len, self._answers(tokenizer, labels)))
+        part = dataset.select(range(min(self.data.generate_size or len(dataset), len(dataset))))
+        return {"prompt_ids": self._prompts(part["text"], tokenizer, longest), "labels": list(part["labels"]),
+                "max_new_tokens": longest}
+
+    def _answers(self, tokenizer, labels: tuple) -> list[list[int]]:
+        # " positive" + EOS: the leading space is how the label follows "->" in running text, and
+        # EOS teaches the model to stop, so that the generated answer can match the label exactly.
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        return [tokenizer(f" {label}", add_special_tokens=False)["input_ids"] + eos for label in labels]
+
+    def _prompts(self, texts, tokenizer, answer_budget: int) -> list[list[int]]:
+        """Prompt tokens, tokenized whole (so special tokens sit where the tokenizer puts them); a text
+        too long for data.max_length is shortened, not the template around it, so the answer still fits."""
+        limit = max(1, self.data.max_length - answer_budget)
+
+        def fill(text):
+            return self.data.prompt.replace("{text}", text)
+
+        texts = [str(t) for t in texts]
+        out = tokenizer([fill(t) for t in texts])["input_ids"]
+        for i, ids in enumerate(out):
+            if len(ids) > limit:
+                words = tokenizer(texts[i], add_special_tokens=False)["input_ids"]
+                short = tokenizer.decode(words[:max(0, len(words) - (len(ids) - limit))])
+                out[i] = tokenizer(fill(short))["input_ids"][:limit]  # [:limit]: a re-tokenization may differ
+        return out
+
+    def _plain(self, batch, tokenizer):
+        enc = tokenizer(batch["text"], truncation=True, max_length=self.data.max_length)
+        enc["labels"] = [list(ids) for ids in enc["input_ids"]]  # the model shifts them itself
+        return enc
+
+
+class Seq2SeqLM(CausalLM):
+    task_type = "SEQ_2_SEQ_LM"
+    auto_class = "AutoModelForSeq2SeqLM"
+
+    def encode(self, dataset, tokenizer, labels: tuple):
+        answers = self._answers(tokenizer, labels)
+
+        def encode(batch):
+            ids = self._prompts(batch["text"], tokenizer, 0)
+            return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids],
+                    "labels": [answers[label] for label in batch["labels"]]}
+
+        return dataset.map(encode, batched=True, remove_columns=dataset.column_names)
+
+    def generation_set(self, dataset, tokenizer, labels: tuple):
+        longest = max(map(len, self._answers(tokenizer, labels)))
+        part = dataset.select(range(min(self.data.generate_size or len(dataset), len(dataset))))
+        return {"prompt_ids": self._prompts(part["text"], tokenizer, 0), "labels": list(part["labels"]),
+                "max_new_tokens": longest}
+
+    def _answers(self, tokenizer, labels: tuple) -> list[list[int]]:
+        # The label's tokens + EOS, without the BOS a LLaMA-style tokenizer would put first (T5's
+        # tokenizer, given text_target, produces exactly "positive</s>" too).
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        return [tokenizer(str(label), add_special_tokens=False)["input_ids"] + eos for label in labels]
+
+    def new_tokens(self, generated, batch):
+        return generated  # the decoder's output is the answer alone
+
+
+def perplexity(loss: float) -> float:
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
+
+
+def label_scores(predictions: list[str], gold: list[str], labels: tuple) -> dict:
+    """Exact-match accuracy of generated labels, and their macro F1 over the task's labels (an answer
+    that is no label at all counts as wrong for its example's class)."""
+    from sklearn.metrics import f1_score
+
+    correct = sum(p == g for p, g in zip(predictions, gold))
+    return {"eval_accuracy": correct / len(gold) if gold else float("nan"),
+            "eval_f1": float(f1_score(gold, predictions, labels=[str(label) for label in labels],
+                                      average="macro", zero_division=0)) if gold else float("nan")}
