@@ -159,8 +159,8 @@ def notes_lines(df: pd.DataFrame) -> list[str]:
     kinds = sorted(set(df.get("memory_kind", pd.Series(dtype=str)).dropna()) - {""}) if len(df) else []
     language_model = "eval_perplexity" in df and df["eval_perplexity"].notna().any()
     notes = [*(_LM_NOTES if language_model else ["Accuracy: eval accuracy after the last epoch."]),
-             "Trainable params: trainable parameters as peft counts them (LoRA weights plus the classifier "
-             "head that peft trains in full); Trainable (%): their share of all parameters.",
+             "Trainable params: trainable parameters as peft counts them (LoRA weights plus any classifier "
+             "head, which peft trains in full); Trainable (%): their share of all parameters.",
              "Training time: mean seconds per epoch of training, evaluation excluded.",
              "Pareto: ✓ where no other row is both more accurate and trains a smaller share of parameters.",
              "Trial: the Optuna trial number (its MLflow run id is in report.csv)."]
