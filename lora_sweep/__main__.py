@@ -98,6 +98,10 @@ def _report(config) -> int:
     path = report.write_report(config, study)
     report.publish(config, study, path)
     print(report.summary(config, study))
+    if config.study.multi_objective:
+        from lora_sweep import pareto
+
+        print(pareto.format_front(config, pareto.store(config, study)[0]))
     log.info("Wrote %s", path)
     return 0
 

@@ -24,6 +24,11 @@ SAMPLING_STRATEGIES = ("random", "group_by_length", "sequential")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 DIRECTIONS = ("maximize", "minimize")
+# What a study can optimise, and which way is better. The eval metrics come from every evaluation
+# (pruning reads them); the cost figures only exist once a trial finishes (multi-objective only).
+METRIC_DIRECTIONS = {"eval_accuracy": "maximize", "eval_f1": "maximize", "eval_loss": "minimize",
+                     "eval_perplexity": "minimize"}
+COST_OBJECTIVES = ("trainable_pct", "peak_memory_mb", "epoch_time_s")
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 MODES = ("sweep", "report")
@@ -138,6 +143,7 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 42
     save_adapter: bool = True
+    eval_steps: int | None = None  # null: evaluate (and report to the pruner) every epoch; N: every N steps
 
     def validate(self) -> None:
         _require(_is_number(self.learning_rate) and self.learning_rate > 0, "train.learning_rate",
@@ -154,6 +160,8 @@ class TrainConfig:
         _one_of("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _one_of("train.device", self.device, DEVICES)
         _bool("train.save_adapter", self.save_adapter)
+        if self.eval_steps is not None:
+            _positive_int("train.eval_steps", self.eval_steps)
 
 
 @dataclass(frozen=True)
@@ -161,12 +169,29 @@ class StudyConfig:
     name: str = "single"
     storage: str | None = None
     sampler: str = "auto"
+    sampler_args: Mapping[str, Any] | None = None  # keyword arguments of the Optuna sampler
     pruner: str = "none"
+    pruner_args: Mapping[str, Any] | None = None   # keyword arguments of the Optuna pruner
     n_trials: int | None = None
     timeout: float | None = None
+    budget_s: float | None = None  # study-wide: total seconds of finished trials, all workers together
     metric: str = "eval_accuracy"
-    direction: str = "maximize"
+    direction: str = "auto"        # auto: the metric's natural direction
+    also_minimize: tuple = ()      # multi-objective: any of trainable_pct, peak_memory_mb, epoch_time_s
+    warm_start: tuple = ()         # points enqueued as the first trials: "recommended" or {path: value}
     seed: int = 42
+
+    @property
+    def objectives(self) -> tuple[str, ...]:
+        return (self.metric, *self.also_minimize)
+
+    @property
+    def directions(self) -> tuple[str, ...]:
+        return (self.direction, *("minimize" for _ in self.also_minimize))
+
+    @property
+    def multi_objective(self) -> bool:
+        return bool(self.also_minimize)
 
     def validate(self) -> None:
         from lora_sweep.study import PRUNERS, SAMPLERS  # the registries own the allowed names
@@ -180,8 +205,34 @@ class StudyConfig:
         if self.timeout is not None:
             _require(_is_number(self.timeout) and self.timeout > 0, "study.timeout", self.timeout,
                      "null or a number of seconds > 0")
+        if self.budget_s is not None:
+            _require(_is_number(self.budget_s) and self.budget_s > 0, "study.budget_s", self.budget_s,
+                     "null or a number of seconds > 0 (trial time summed over all workers)")
+        _one_of("study.metric", self.metric, tuple(METRIC_DIRECTIONS))
         _one_of("study.direction", self.direction, DIRECTIONS)
-        _one_of("study.metric", self.metric, ("eval_accuracy", "eval_loss", "eval_f1", "eval_perplexity"))
+        natural = METRIC_DIRECTIONS[self.metric]
+        _require(self.direction == natural, "study.direction", self.direction,
+                 f"{natural} (or auto) for study.metric={self.metric}: the other way picks the worst trial")
+        _require(isinstance(self.also_minimize, tuple) and len(set(self.also_minimize)) == len(self.also_minimize)
+                 and all(o in COST_OBJECTIVES for o in self.also_minimize), "study.also_minimize",
+                 list(self.also_minimize) if isinstance(self.also_minimize, tuple) else self.also_minimize,
+                 "a list of distinct names from " + ", ".join(COST_OBJECTIVES))
+        for name in ("sampler_args", "pruner_args"):
+            value = getattr(self, name)
+            _require(value is None or isinstance(value, Mapping), f"study.{name}", value,
+                     f"null or a mapping of the {name.split('_')[0]}'s keyword arguments")
+        if self.multi_objective:
+            _require(self.pruner == "none", "study.pruner", self.pruner,
+                     f"none when study.also_minimize is set: Optuna cannot prune multi-objective studies "
+                     f"(Trial.report/should_prune are single-objective only). Drop the pruner, or drop "
+                     f"study.also_minimize={list(self.also_minimize)} for a pruned single-objective search")
+            _require(self.sampler != "cmaes", "study.sampler", self.sampler,
+                     "grid, random, tpe, nsga2, qmc, gp or auto for a multi-objective study (Optuna's CMA-ES "
+                     "optimises one objective)")
+        _require(isinstance(self.warm_start, tuple) and all(
+            w == "recommended" or isinstance(w, Mapping) for w in self.warm_start), "study.warm_start",
+            self.warm_start, "a list whose items are `recommended` (seed 004's starting point) or mappings "
+            "{parameter path: value}")
 
 
 @dataclass(frozen=True)
@@ -265,6 +316,8 @@ class Config:
     variants: Mapping[str, Variant]
     mode: str = "sweep"
     report: ReportConfig = ReportConfig()
+    conditions: Mapping[str, Mapping] = dataclasses.field(default_factory=dict)  # path -> {when/requires}
+    exclude: Mapping[str, Mapping] = dataclasses.field(default_factory=dict)     # name -> {when, message}
 
     @property
     def study_dir(self) -> Path:
@@ -298,6 +351,8 @@ def from_dictconfig(cfg: Any) -> Config:
 def from_mapping(raw: Mapping[str, Any]) -> Config:
     base = TrialSettings(**{g: _build(t, raw.get(g) or {}, g) for g, t in _GROUP_TYPES.items()})
     study = _build(StudyConfig, raw.get("study") or {}, "study")
+    if study.direction == "auto" and study.metric in METRIC_DIRECTIONS:
+        study = dataclasses.replace(study, direction=METRIC_DIRECTIONS[study.metric])
     tracking = _build(TrackingConfig, raw.get("tracking") or {}, "tracking")
     paths_raw = raw.get("paths") or {}
     paths = Paths(sweeps_dir=Path(paths_raw.get("sweeps_dir", "sweeps")).resolve(),
@@ -313,8 +368,12 @@ def from_mapping(raw: Mapping[str, Any]) -> Config:
     _one_of("mode", mode, MODES)
     report = _build(ReportConfig, raw.get("report") or {}, "report")
     report.validate()
+    conditions = {str(k): dict(v) if isinstance(v, Mapping) else v
+                  for k, v in flatten_paths(raw.get("conditions") or {}).items()}
+    exclude = {str(k): v for k, v in (raw.get("exclude") or {}).items() if v is not None}
     config = Config(base=base, study=study, tracking=tracking, paths=paths, space=space,
-                    variants=variants, mode=mode, report=report)
+                    variants=variants, mode=mode, report=report,
+                    conditions=conditions, exclude=exclude)
     base.validate()
     study.validate()
     _check_metric(study, base)
@@ -344,6 +403,18 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
             out.update(flatten(v, key + "."))
         else:
             out[key] = v
+    return out
+
+
+def flatten_paths(d: Mapping[str, Any]) -> dict[str, Any]:
+    """Like flatten, but stops at a condition's own keys (when/requires): {'lora': {'r': {'when': ..}}}
+    -> {'lora.r': {'when': ..}}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v and not set(v) & {"when", "requires"}:
+            out.update({f"{k}.{kk}": vv for kk, vv in flatten_paths(v).items()})
+        else:
+            out[str(k)] = v
     return out
 
 
@@ -382,6 +453,8 @@ def _normalise(value: Any) -> Any:
     # Lists become tuples so that configs are hashable (base models are cached per ModelConfig).
     if isinstance(value, list):
         return tuple(_normalise(v) for v in value)
+    if isinstance(value, dict):  # warm-start points: {'lora': {'r': 16}} -> {'lora.r': 16}
+        return {k: _normalise(v) for k, v in flatten(value).items()} if value else value
     return value
 
 

@@ -1,7 +1,9 @@
 """One trial: settings -> LoRA model -> training -> measured result, recorded in Optuna and MLflow.
 
 A trial that raises is recorded (Optuna FAIL, MLflow FAILED, the error as a tag) and the sweep goes
-on; Optuna's TrialPruned is recorded as pruned with the epoch it stopped at.
+on; Optuna's TrialPruned is recorded as pruned with the epoch (or step) it stopped at. A point that an
+`exclude` rule forbids is recorded as pruned with the rule's message, without training.
+Multi-objective studies get a tuple: study.metric, then study.also_minimize in order.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import optuna
 
 from lora_sweep import adapters, data, models, tasks
 from lora_sweep.config import Config, TrialSettings
+from lora_sweep.constraints import Excluded
 from lora_sweep.metrics import PeakMemory, release_memory
 from lora_sweep.progress import Progress
 from lora_sweep.search_space import Point, SearchSpace
@@ -35,6 +38,7 @@ LM_RESULT_KEYS = ("eval_perplexity",)
 class TrialResult:
     metrics: dict = field(default_factory=dict)      # RESULT_KEYS
     epochs: list[dict] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)   # the epoch or optimizer step of each evaluation
     target_modules: tuple = ()
     memory_kind: str = ""
     adapter_dir: Path | None = None
@@ -61,8 +65,8 @@ def run_trial(settings: TrialSettings, device: str, on_epoch: Callable[[int, dic
             outcome = train(peft_model, base.tokenizer, splits.train, splits.eval, settings.train, device,
                             on_epoch, task=task, generate=splits.generate, labels=splits.labels)
             wall = time.perf_counter() - t0
-        result = TrialResult(epochs=outcome.epochs, target_modules=targets.names, memory_kind=memory.kind,
-                             batch_shapes=outcome.batch_shapes)
+        result = TrialResult(epochs=outcome.epochs, steps=outcome.steps, target_modules=targets.names,
+                             memory_kind=memory.kind, batch_shapes=outcome.batch_shapes)
         result.metrics = {
             **outcome.final,
             "train_loss": outcome.train_loss,
@@ -135,9 +139,16 @@ class Objective:
         self.progress = progress or Progress(planned, config.base.train.num_train_epochs, config.study.metric,
                                              config.study.direction)
 
-    def __call__(self, trial: optuna.Trial) -> float:
-        point = self.space.suggest(trial)
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         self.started += 1
+        try:
+            point = self.space.suggest(trial)
+        except Excluded as e:
+            trial.set_user_attr("excluded", str(e))
+            trial.set_user_attr("label", str(e).split(":")[0])
+            log.info("[%d/%d] trial %d excluded, not trained: %s", self.started, self.planned, trial.number, e)
+            self.progress.trial_finished()
+            raise optuna.TrialPruned(f"excluded: {e}") from None
         tag = f"[{self.started}/{self.planned}] trial {trial.number} ({point.label})"
         trial.set_user_attr("label", point.label)
         self.progress.trial_started(trial.number, point.label)
@@ -152,18 +163,24 @@ class Objective:
                  point.settings.lora.effective_alpha, ",".join(preview) or point.settings.lora.target_modules,
                  point.settings.lora.lora_dropout, point.settings.lora.bias)
         epochs = point.settings.train.num_train_epochs
+        unit = "step" if point.settings.train.eval_steps else "epoch"
+        report = not self.config.study.multi_objective  # Optuna prunes single-objective studies only
 
-        def on_epoch(epoch: int, metrics: dict) -> None:
-            self.tracker.log_metrics(run_id, metrics, step=epoch)
-            log.info("%s epoch %d/%d: %s", tag, epoch, epochs,
+        def on_epoch(step: int, metrics: dict) -> None:
+            self.tracker.log_metrics(run_id, metrics, step=step)
+            log.info("%s %s: %s", tag, f"epoch {step}/{epochs}" if unit == "epoch" else f"step {step}",
                      "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-            self.progress.epoch_done(epoch)
+            if unit == "epoch":
+                self.progress.epoch_done(step)
             value = metrics.get(self.config.study.metric)
-            if value is not None:
-                trial.report(value, step=epoch)
+            if value is not None and report:
+                trial.report(value, step=step)
                 if trial.should_prune():
-                    trial.set_user_attr("pruned_at_epoch", epoch)
-                    raise optuna.TrialPruned(f"pruned after epoch {epoch}: {self.config.study.metric}={value:.4f}")
+                    trial.set_user_attr("pruned_at_step", step)
+                    trial.set_user_attr("pruned_at_unit", unit)
+                    if unit == "epoch":
+                        trial.set_user_attr("pruned_at_epoch", step)
+                    raise optuna.TrialPruned(f"pruned after {unit} {step}: {self.config.study.metric}={value:.4f}")
 
         try:
             with tempfile.TemporaryDirectory(prefix="lora-sweep-adapter-") as tmp:
@@ -172,8 +189,10 @@ class Objective:
                 if result.adapter_dir is not None:
                     self.tracker.log_artifacts(run_id, result.adapter_dir, "adapter")
         except optuna.TrialPruned as e:
-            self.tracker.set_tags(run_id, {"status": "pruned", "pruned_at_epoch": trial.user_attrs.get(
-                "pruned_at_epoch", ""), "reason": str(e)})
+            ua = trial.user_attrs
+            self.tracker.set_tags(run_id, {"status": "pruned", "pruned_at_step": ua.get("pruned_at_step", ""),
+                                           "pruned_at_unit": ua.get("pruned_at_unit", ""),
+                                           "pruned_at_epoch": ua.get("pruned_at_epoch", ""), "reason": str(e)})
             self.tracker.finish_trial(run_id, "pruned")
             self.progress.trial_finished()
             log.info("%s pruned: %s", tag, e)
@@ -192,7 +211,7 @@ class Objective:
         trial.set_user_attr("epochs", result.epochs)
         trial.set_user_attr("memory_kind", result.memory_kind)
         trial.set_user_attr("batch_shapes", result.batch_shapes)
-        self.tracker.log_metrics(run_id, final, step=len(result.epochs))
+        self.tracker.log_metrics(run_id, final, step=result.steps[-1] if result.steps else len(result.epochs))
         self.tracker.set_tags(run_id, {"status": "complete", "memory_kind": result.memory_kind})
         self.tracker.finish_trial(run_id, "complete")
         m = result.metrics
@@ -200,6 +219,8 @@ class Objective:
         quality = "  ".join(f"{k}={m[k]:.4f}" for k in ("eval_accuracy", "eval_perplexity") if k in m)
         log.info("%s done: %s  trainable=%s (%.2f%%)  peak_memory=%.0f MB  %.1f s/epoch", tag, quality,
                  f"{m['trainable_params']:,}", m["trainable_pct"], m["peak_memory_mb"], m["epoch_time_s"])
+        if self.config.study.multi_objective:
+            return tuple(float(m[k]) for k in self.config.study.objectives)
         return m[self.config.study.metric]
 
 

@@ -34,7 +34,9 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         ua = t.user_attrs
         row = {"trial": t.number, "label": ua.get("label", ""), "status": _STATUS.get(t.state, t.state.name),
                "error": ua.get("error", t.system_attrs.get("fail_reason", "")) if t.state == TrialState.FAIL
-               else "", "pruned_at_epoch": ua.get("pruned_at_epoch"), "device": ua.get("device", "")}
+               else "", "pruned_at_epoch": ua.get("pruned_at_epoch"), "device": ua.get("device", ""),
+               "pruned_at": (f"{ua.get('pruned_at_unit', 'epoch')} {ua['pruned_at_step']}"
+                             if "pruned_at_step" in ua else ""), "excluded": ua.get("excluded", "")}
         for key in ("eval_accuracy", "eval_f1", "eval_loss", "train_loss", "trainable_params", "total_params",
                     "trainable_pct", "peak_memory_mb", "epoch_time_s", "adapter_size_mb", "train_seconds"):
             row[key] = ua.get(key)
@@ -184,7 +186,8 @@ def problems_section(df: pd.DataFrame) -> list[str]:
         return []
     lines = ["", "## Trials without a result", ""]
     for _, row in problems.iterrows():
-        why = row["error"] if row["status"] == "failed" else f"pruned after epoch {row['pruned_at_epoch']}"
+        why = (row["error"] if row["status"] == "failed" else f"excluded, not trained: {row['excluded']}"
+               if row["excluded"] else f"pruned after {row['pruned_at'] or 'epoch ' + str(row['pruned_at_epoch'])}")
         lines.append(f"- trial {row['trial']} ({row['label']}): **{row['status']}**: {why}")
     return lines
 

@@ -7,11 +7,13 @@
     lora.target_modules: choice(qkvo, [query, value])
 
 Hydra ships the parser, so users write what they already write for Hydra's Optuna sweeper.
+Conditional parameters and excluded combinations are declared beside the space (constraints.py).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -24,7 +26,11 @@ from optuna.distributions import (
     IntDistribution,
 )
 
+from lora_sweep import constraints
 from lora_sweep.config import Config, ConfigError, TrialSettings
+from lora_sweep.constraints import Excluded
+
+log = logging.getLogger("lora_sweep")
 
 VARIANT = "variant"
 _GRAMMAR = ("choice(a, b, ...), range(start, stop, step=s), interval(low, high) "
@@ -56,8 +62,21 @@ class Point:
 class SearchSpace:
     def __init__(self, config: Config):
         self.config = config
-        self.params: dict[str, Param] = {
-            path: _parse(path, expr, config) for path, expr in config.space.items()}
+        params = {path: _parse(path, expr, config) for path, expr in config.space.items()}
+        if "lora.lora_alpha" in params and "lora.alpha_ratio" in params:
+            raise ConfigError("space.lora.lora_alpha and space.lora.alpha_ratio are both searched, but alpha_ratio "
+                              "overrides lora_alpha (lora_alpha = alpha_ratio * r). Search one of them.")
+        self.conditions, self.exclusions = constraints.parse(config, _known_paths(config))
+        # Parameters whose requirement this machine lacks leave the space (the base value is used).
+        self.dropped: dict[str, str] = {}
+        for path, cond in self.conditions.items():
+            missing = [r for r in cond.requires if not constraints.environment_has(r)]
+            if missing:
+                self.dropped[path] = (f"{path} is searched only where {' and '.join(missing)} is available; "
+                                      f"here it stays at {_current(config.base, path)!r}")
+        # Unconditional parameters first, so that conditions can read them.
+        order = sorted((p for p in params if p not in self.dropped), key=lambda p: p in self.conditions)
+        self.params: dict[str, Param] = {p: params[p] for p in order}
 
     def __len__(self) -> int:
         return len(self.params)
@@ -74,10 +93,18 @@ class SearchSpace:
         return math.prod(len(p.grid) for p in self.params.values()) if self.is_grid else 0
 
     def suggest(self, trial: optuna.Trial) -> Point:
+        """Sample a point; raises Excluded (the rule's message) for a combination that cannot run."""
         values = {}
         for path, p in self.params.items():
+            cond = self.conditions.get(path)
+            if cond is not None and not constraints.matches(cond.when, values, self.config.base):
+                continue  # inactive here: the base value applies, and the sampler never sees it
             values[path] = p.decode(_suggest(trial, path, p.distribution))
-        return self.point(values)
+        point = self.point(values)
+        rule = constraints.excluded(self.exclusions, values, point.settings)
+        if rule is not None:
+            raise Excluded(f"{point.label}: {rule.message} (exclude.{rule.name})")
+        return point
 
     def point(self, values: Mapping[str, Any]) -> Point:
         """Apply sampled values to the base settings (a variant first, then plain paths)."""
@@ -105,7 +132,12 @@ class SearchSpace:
                 d = p.distribution
                 candidates = [d.low, d.high]
             points += [self.point({path: v}) for v in candidates]
-        return points
+        return [p for p in points if constraints.excluded(self.exclusions, p.values, p.settings) is None]
+
+
+def _known_paths(config: Config) -> set[str]:
+    groups = ("model", "data", "lora", "train")
+    return {VARIANT} | {f"{g}.{k}" for g in groups for k in vars(getattr(config.base, g))}
 
 
 def _parse(path: str, expr: str, config: Config) -> Param:
@@ -148,6 +180,10 @@ def _parse(path: str, expr: str, config: Config) -> Param:
         return Param(path, FloatDistribution(grid[0], grid[-1], step=step), grid)
     if isinstance(value, IntervalSweep):
         low, high, tags = value.start, value.end, value.tags or set()
+        unknown_tags = sorted(set(tags) - {"log", "int"})
+        if unknown_tags:
+            raise ConfigError(f"{where}: {expr!r} has unknown tag(s) {unknown_tags}; interval(...) takes "
+                              f"tag(log, ...) and/or tag(int, ...).")
         if not low < high:
             raise ConfigError(f"{where}: {expr!r} needs low < high, but got low={low}, high={high}.")
         log = "log" in tags

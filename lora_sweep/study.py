@@ -1,4 +1,5 @@
-"""Optuna study: sampler, pruner and storage from config; resume-aware trial budgets."""
+"""Optuna study: sampler, pruner and storage from config; resume-aware, study-wide trial budgets;
+warm-start points enqueued first."""
 
 from __future__ import annotations
 
@@ -11,23 +12,30 @@ from optuna.trial import TrialState
 from lora_sweep.config import Config, ConfigError
 from lora_sweep.search_space import SearchSpace
 
-# Names users write in study.sampler / study.pruner. Factories take (seed, space).
-SAMPLERS: dict[str, Callable[[int, SearchSpace], optuna.samplers.BaseSampler]] = {
-    "grid": lambda seed, space: optuna.samplers.GridSampler(space.grid(), seed=seed),
-    "random": lambda seed, space: optuna.samplers.RandomSampler(seed=seed),
-    "tpe": lambda seed, space: optuna.samplers.TPESampler(seed=seed),
-    "nsga2": lambda seed, space: optuna.samplers.NSGAIISampler(seed=seed),
-    "cmaes": lambda seed, space: optuna.samplers.CmaEsSampler(seed=seed),
-    "qmc": lambda seed, space: optuna.samplers.QMCSampler(seed=seed),
-    "gp": lambda seed, space: optuna.samplers.GPSampler(seed=seed),
+# Names users write in study.sampler / study.pruner. Sampler factories take (seed, space, **sampler_args).
+SAMPLERS: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
+    "grid": lambda seed, space, **kw: optuna.samplers.GridSampler(space.grid(), seed=seed, **kw),
+    "random": lambda seed, space, **kw: optuna.samplers.RandomSampler(seed=seed, **kw),
+    "tpe": lambda seed, space, **kw: optuna.samplers.TPESampler(seed=seed, **kw),
+    "nsga2": lambda seed, space, **kw: optuna.samplers.NSGAIISampler(seed=seed, **kw),
+    "cmaes": lambda seed, space, **kw: optuna.samplers.CmaEsSampler(seed=seed, **kw),
+    "qmc": lambda seed, space, **kw: optuna.samplers.QMCSampler(seed=seed, **kw),
+    "gp": lambda seed, space, **kw: optuna.samplers.GPSampler(seed=seed, **kw),
 }
-PRUNERS: dict[str, Callable[[], optuna.pruners.BasePruner]] = {
+# Factories take study.pruner_args as keyword arguments (they override these defaults). A sweep
+# has few trials, so the median/percentile pruners start judging after 2 complete ones.
+PRUNERS: dict[str, Callable[..., optuna.pruners.BasePruner]] = {
     "none": optuna.pruners.NopPruner,
-    "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
-    "percentile": lambda: optuna.pruners.PercentilePruner(25.0, n_startup_trials=2),
-    "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
-    "hyperband": optuna.pruners.HyperbandPruner,
+    "median": lambda **kw: optuna.pruners.MedianPruner(**{"n_startup_trials": 2, "n_warmup_steps": 0, **kw}),
+    "percentile": lambda **kw: optuna.pruners.PercentilePruner(**{"percentile": 25.0, "n_startup_trials": 2,
+                                                                 **kw}),
+    "successive_halving": lambda **kw: optuna.pruners.SuccessiveHalvingPruner(**kw),
+    "hyperband": lambda **kw: optuna.pruners.HyperbandPruner(**kw),
 }
+# seed 004's recommended starting point ("Start with r=16, alpha=32, all attention modules,
+# dropout 0.1, bias none"), for study.warm_start: [recommended].
+RECOMMENDED = {"lora.r": 16, "lora.lora_alpha": 32, "lora.alpha_ratio": 2.0, "lora.target_modules": "qkvo",
+               "lora.lora_dropout": 0.1, "lora.bias": "none"}
 DEFAULT_N_TRIALS = 20
 # Trials in these states hold their grid point: a resumed grid skips them. Failed ones are retried.
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -46,35 +54,154 @@ def sampler_name(config: Config, space: SearchSpace) -> str:
     return name
 
 
+def make_pruner(config: Config) -> optuna.pruners.BasePruner:
+    args = dict(config.study.pruner_args or {})
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return PRUNERS[config.study.pruner](**args)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"study.pruner_args={args} do not fit study.pruner={config.study.pruner}: {e}. "
+                          f"See optuna.pruners for its keyword arguments.") from None
+
+
+def make_sampler(config: Config, space: SearchSpace) -> optuna.samplers.BaseSampler:
+    name = sampler_name(config, space)
+    args = dict(config.study.sampler_args or {})
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = SAMPLERS[name](config.study.seed, space, **args)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"study.sampler_args={args} do not fit study.sampler={name}: {e}. "
+                          f"See optuna.samplers for its keyword arguments.") from None
+    return sampler
+
+
 def create_study(config: Config, space: SearchSpace) -> optuna.Study:
     """Create or load (resume) the study named by study.name on study.storage."""
-    name = sampler_name(config, space)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = SAMPLERS[name](config.study.seed, space)
-        pruner = PRUNERS[config.study.pruner]()
+    sampler = make_sampler(config, space)
+    pruner = make_pruner(config)
     if config.study.storage is None:
         config.study_dir.mkdir(parents=True, exist_ok=True)
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=config.study.name,
         storage=config.storage_url,
         sampler=sampler,
         pruner=pruner,
-        direction=config.study.direction,
+        directions=list(config.study.directions),
         load_if_exists=True,
     )
+    if [d.name.lower() for d in study.directions] != list(config.study.directions):
+        raise ConfigError(f"The stored study {config.study.name!r} optimises "
+                          f"{[d.name.lower() for d in study.directions]}, but this config asks for "
+                          f"{list(config.study.directions)} (study.metric/study.also_minimize). Use another "
+                          f"study.name, or delete {config.study_dir} to start over.")
+    return study
+
+
+def warm_start_points(config: Config, space: SearchSpace) -> list[dict]:
+    """study.warm_start -> Optuna params for enqueue_trial. A point sets some searched parameters;
+    the others take the base config's value (the rest of the starting point) where the space holds
+    it, else the sampler picks. A value outside the space is an error, before any training."""
+    from lora_sweep.search_space import _current, _encode
+
+    out = []
+    for i, item in enumerate(config.study.warm_start):
+        point = RECOMMENDED if item == "recommended" else dict(item)
+        unknown = [] if item == "recommended" else sorted(set(point) - set(space.params))
+        if unknown:
+            raise ConfigError(f"study.warm_start[{i}]: {', '.join(unknown)} not searched; a warm-start point "
+                              f"sets searched parameters ({', '.join(space.params) or 'none'}).")
+        params = {}
+        for path, p in space.params.items():
+            given = path in point
+            value = _encode(point[path] if given else _current(config.base, path))
+            inside = _inside(p.distribution, value)
+            if inside is None and given:
+                raise ConfigError(f"study.warm_start[{i}]: {path}={point[path]!r} is outside space.{path}="
+                                  f"{config.space[path]!r}. Widen the space or change the warm-start point.")
+            if inside is not None:
+                params[path] = inside
+        out.append(params)
+    return out
+
+
+def _inside(d, value):
+    """The distribution's own spelling of value (2 for 2.0 in choice(1, 2)), or None if outside."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if isinstance(d, optuna.distributions.CategoricalDistribution):
+        for c in d.choices:
+            if (c == value and type(c) is type(value)) or (number(c) and number(value) and c == value):
+                return c
+        return None
+    if not number(value) or not d.low <= value <= d.high:
+        return None
+    if d.step is not None and abs((value - d.low) / d.step - round((value - d.low) / d.step)) > 1e-9:
+        return None
+    return value
+
+
+def enqueue_warm_start(config: Config, space: SearchSpace, study: optuna.Study) -> int:
+    """Enqueue the warm-start points once (a resumed or second worker does not add them again).
+    Not for grids: a grid visits every point anyway, and Optuna's GridSampler does not count an
+    enqueued trial as a visited grid point, so it would train that point twice."""
+    if sampler_name(config, space) == "grid":
+        return 0
+    points = warm_start_points(config, space)
+    for params in points:
+        study.enqueue_trial(params, user_attrs={"warm_start": True}, skip_if_exists=True)
+    return len(points)
+
+
+def budget_callbacks(config: Config, space: SearchSpace) -> list:
+    """Stop conditions that read the shared storage after every trial, so they hold study-wide
+    with several workers: n_trials counts finished and in-flight trials of every worker
+    (Optuna's MaxTrialsCallback), budget_s sums the durations of finished trials."""
+    callbacks = []
+    if sampler_name(config, space) != "grid" or config.study.n_trials is not None:
+        limit = trials_budget(config, space)
+        callbacks.append(optuna.study.MaxTrialsCallback(limit, states=(*DONE, TrialState.RUNNING)))
+    if config.study.budget_s is not None:
+        callbacks.append(TimeBudget(config.study.budget_s))
+    return callbacks
+
+
+class TimeBudget:
+    """Stops the study once its finished trials took budget_s seconds in total (all workers)."""
+
+    def __init__(self, budget_s: float):
+        self.budget_s = budget_s
+
+    def spent(self, study: optuna.Study) -> float:
+        return sum((t.datetime_complete - t.datetime_start).total_seconds()
+                   for t in study.get_trials(deepcopy=False, states=(*DONE, TrialState.FAIL))
+                   if t.datetime_start and t.datetime_complete)
+
+    def __call__(self, study: optuna.Study, trial) -> None:
+        if self.spent(study) >= self.budget_s:
+            study.stop()
 
 
 def trials_to_run(config: Config, space: SearchSpace, study: optuna.Study) -> int:
     """How many trials this worker should start now. A grid counts what is already done, so a
     re-run resumes instead of repeating points; other samplers run study.n_trials in total."""
     done = len(study.get_trials(deepcopy=False, states=DONE))
+    left = max(0, trials_budget(config, space) - done)
+    if left and config.study.budget_s is not None and TimeBudget(config.study.budget_s).spent(study) \
+            >= config.study.budget_s:
+        return 0
+    return left
+
+
+def trials_budget(config: Config, space: SearchSpace) -> int:
+    """Trials the whole study may finish (complete or pruned), all workers together."""
     if sampler_name(config, space) == "grid":
-        budget = space.grid_size() if config.study.n_trials is None else min(config.study.n_trials,
-                                                                             space.grid_size())
-    else:
-        budget = config.study.n_trials or DEFAULT_N_TRIALS
-    return max(0, budget - done)
+        return space.grid_size() if config.study.n_trials is None else min(config.study.n_trials,
+                                                                           space.grid_size())
+    return config.study.n_trials or DEFAULT_N_TRIALS
 
 
 def resume(config: Config, space: SearchSpace, study: optuna.Study) -> int:

@@ -13,12 +13,13 @@ import sys
 
 import optuna
 
-from lora_sweep import adapters, data, environment, models, report
+from lora_sweep import adapters, data, environment, models, pareto, report
 from lora_sweep.config import Config, ConfigError
 from lora_sweep.objective import Objective
 from lora_sweep.progress import progress_for
 from lora_sweep.search_space import SearchSpace
-from lora_sweep.study import create_study, resume, sampler_name
+from lora_sweep.study import (budget_callbacks, create_study, enqueue_warm_start, make_pruner, make_sampler,
+                              resume, sampler_name, warm_start_points)
 
 log = logging.getLogger("lora_sweep")
 
@@ -43,11 +44,19 @@ def preflight(config: Config, space: SearchSpace) -> str:
     return device
 
 
-def run_sweep(config: Config) -> optuna.Study:
+def run_sweep(config: Config, callbacks: tuple = ()) -> optuna.Study:
+    """callbacks: extra Optuna callbacks (the search benchmark stops a search at its target)."""
     space = SearchSpace(config)
     sampler = sampler_name(config, space)
-    log.info("Sweep %r: %s sampler over %s", config.study.name, sampler,
+    log.info("Sweep %r: %s sampler, %s pruner, over %s", config.study.name, sampler, config.study.pruner,
              ", ".join(f"{k}={v}" for k, v in config.space.items()) or "the base configuration")
+    for reason in space.dropped.values():
+        log.info("Condition: %s", reason)
+    if config.study.multi_objective:
+        log.info("Multi-objective: %s; no pruning (Optuna prunes single-objective studies only)",
+                 ", ".join(f"{d} {o}" for o, d in zip(config.study.objectives, config.study.directions)))
+    # Sampler/pruner arguments and warm-start points fail here, before anything is written.
+    make_sampler(config, space), make_pruner(config), warm_start_points(config, space)
     device = preflight(config, space)
 
     study = create_study(config, space)
@@ -57,7 +66,14 @@ def run_sweep(config: Config) -> optuna.Study:
         log.info("Sweep %r is complete (%d trials done); nothing to run. Delete %s to start over.",
                  config.study.name, len(study.trials), config.study_dir)
         report.write_report(config, study)
+        if config.study.multi_objective:
+            print(pareto.format_front(config, pareto.store(config, study)[0]), flush=True)
         return study
+    if enqueue_warm_start(config, space, study):
+        log.info("Warm start: %d point(s) enqueued as the first trials (%s)", len(config.study.warm_start),
+                 ", ".join(map(str, config.study.warm_start)))
+    elif config.study.warm_start:
+        log.info("Warm start ignored: a grid visits every point anyway (study.sampler=%s)", sampler)
 
     from lora_sweep.tracking import Tracker
 
@@ -77,7 +93,8 @@ def run_sweep(config: Config) -> optuna.Study:
         with progress_for(n, config.base.train.num_train_epochs, config.study.metric,
                           config.study.direction) as progress:
             objective = Objective(config, space, tracker, parent, device, tags, planned=n, progress=progress)
-            study.optimize(objective, n_trials=n, timeout=config.study.timeout, catch=(Exception,))
+            study.optimize(objective, n_trials=n, timeout=config.study.timeout, catch=(Exception,),
+                           callbacks=[*budget_callbacks(config, space), *callbacks])
     except BaseException:
         status = "KILLED"
         raise
@@ -87,6 +104,9 @@ def run_sweep(config: Config) -> optuna.Study:
             report.publish(config, study, path, tracker)
         tracker.finish_parent(parent, status)
     print(report.summary(config, study), flush=True)
+    if config.study.multi_objective:
+        front, path = pareto.store(config, study)
+        print(pareto.format_front(config, front) + f"\nPareto front: {path}", flush=True)
     return study
 
 

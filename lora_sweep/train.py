@@ -1,10 +1,12 @@
-"""One fine-tuning run with transformers' Trainer, evaluated every epoch.
+"""One fine-tuning run with transformers' Trainer, evaluated every epoch or every N steps.
 
 A callback times each epoch's training alone (on_epoch_begin -> on_epoch_end; the Trainer runs
 evaluation after on_epoch_end), stops on a non-finite loss, and hands each epoch's eval metrics to
 the caller, which reports them to Optuna (pruning) and MLflow. The task (lora_sweep/tasks.py) picks
 the collator and the metrics; for language models it also generates answers after each evaluation
-(that time counts as evaluation, not training).
+(that time counts as evaluation, not training). With train.eval_steps, evaluations
+(and generation) inside an epoch are subtracted from its time; the step passed on is the epoch
+number or, with train.eval_steps, the optimizer step.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ class NonFiniteLoss(RuntimeError):
 
 @dataclass
 class TrainResult:
-    epochs: list[dict] = field(default_factory=list)   # eval metrics per epoch (eval_accuracy, ...)
+    epochs: list[dict] = field(default_factory=list)   # eval metrics per evaluation (eval_accuracy, ...)
+    steps: list[int] = field(default_factory=list)     # the step each evaluation was reported at
     epoch_times: list[float] = field(default_factory=list)
     eval_seconds: float = 0.0
     train_loss: float = float("nan")
@@ -52,7 +55,8 @@ class TrainResult:
 
 class _TrialCallback(TrainerCallback):
     def __init__(self, result: TrainResult, on_epoch: Callable[[int, dict], None], task: Task, tokenizer,
-                 generate: dict | None, labels: tuple, batch_size: int):
+                 generate: dict | None, labels: tuple, batch_size: int,
+                 by_steps: bool = False):
         self.result = result
         self.on_epoch = on_epoch
         self.training = False
@@ -61,15 +65,22 @@ class _TrialCallback(TrainerCallback):
         self.generate = generate
         self.labels = labels
         self.batch_size = batch_size
+        self.by_steps = by_steps
         self._t0 = 0.0
+        self._eval_in_epoch = 0.0  # evaluations (and our reporting) that ran inside this epoch
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.training = True
         self._t0 = time.perf_counter()
+        self._eval_in_epoch = 0.0
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        self.result.epoch_times.append(time.perf_counter() - self._t0)
+        self.result.epoch_times.append(time.perf_counter() - self._t0 - self._eval_in_epoch)
         self.training = False  # the Trainer evaluates after on_epoch_end
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_evaluate:
+            self.training = False  # train.eval_steps: an evaluation runs now, inside the epoch
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         loss = (logs or {}).get("loss")
@@ -81,10 +92,16 @@ class _TrialCallback(TrainerCallback):
         metrics = dict(metrics or {})
         t0 = time.perf_counter()
         row = self.task.epoch_metrics(metrics, model, self.tokenizer, self.generate, self.batch_size, self.labels)
-        self.result.eval_seconds += metrics.get("eval_runtime", 0.0) + time.perf_counter() - t0
-        epoch = len(self.result.epochs) + 1
+        runtime = metrics.get("eval_runtime", 0.0)
+        self.result.eval_seconds += runtime + time.perf_counter() - t0
+        step = state.global_step if self.by_steps else len(self.result.epochs) + 1
         self.result.epochs.append(row)
-        self.on_epoch(epoch, row)  # may raise optuna.TrialPruned: it ends training here
+        self.result.steps.append(step)
+        try:
+            self.on_epoch(step, row)  # may raise optuna.TrialPruned: it ends training here
+        finally:
+            self._eval_in_epoch += runtime + (time.perf_counter() - t0)
+            self.training = self.by_steps  # mid-epoch evaluation: training batches follow
 
 
 class _ShapeRecorder:
@@ -121,7 +138,7 @@ def train(model, tokenizer, train_set, eval_set, settings: TrainConfig, device: 
     task = task or SequenceClassification(None)
     result = TrainResult()
     callback = _TrialCallback(result, on_epoch, task, tokenizer, generate, labels,
-                              settings.per_device_eval_batch_size)
+                              settings.per_device_eval_batch_size, by_steps=bool(settings.eval_steps))
     with tempfile.TemporaryDirectory(prefix="lora-sweep-") as out:
         args = TrainingArguments(
             output_dir=out,
@@ -137,7 +154,8 @@ def train(model, tokenizer, train_set, eval_set, settings: TrainConfig, device: 
             train_sampling_strategy=settings.train_sampling_strategy,
             seed=settings.seed,
             use_cpu=device == "cpu",
-            eval_strategy="epoch",
+            eval_strategy="steps" if settings.eval_steps else "epoch",
+            eval_steps=settings.eval_steps,
             save_strategy="no",
             logging_strategy="steps",
             logging_steps=10,
@@ -158,6 +176,9 @@ def train(model, tokenizer, train_set, eval_set, settings: TrainConfig, device: 
         )
         trainer.remove_callback(PrinterCallback)  # our own progress lines replace its dict dumps
         output = trainer.train()
+        callback.training = False
+        if settings.eval_steps and (not result.steps or result.steps[-1] != trainer.state.global_step):
+            trainer.evaluate()  # the final model, when the last step is not an eval step
         result.train_loss = float(output.training_loss)
         if not math.isfinite(result.train_loss):
             raise NonFiniteLoss(f"mean training loss is {result.train_loss}; lower train.learning_rate.")

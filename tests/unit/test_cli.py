@@ -31,6 +31,9 @@ def assert_nothing_written(tmp_path):
     (["+sweep=rank", "study.sampler=foo"], ["study.sampler must be one of", "study.sampler='foo'"]),
     (["sweep=rank", "study.pruner=bar"], ["study.pruner must be one of", "study.pruner='bar'"]),
     (["+sweep=rank", "space.lora.r='choice(4,4)'"], ["space.lora.r", "repeats a choice"]),
+    (["+sweep=pareto", "study.pruner=median"], ["study.pruner must be none when study.also_minimize is set",
+                                               "Optuna cannot prune multi-objective studies"]),
+    (["+sweep=joint", "space.lora.r='choice(4,8)'"], ["study.warm_start[0]: lora.r=16 is outside space.lora.r"]),
 ])
 def test_bad_config_exits_2_before_anything_runs(tmp_path, args, expected):
     proc = run_cli(tmp_path, *args)

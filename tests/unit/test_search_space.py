@@ -168,6 +168,8 @@ def test_sampler_grid_with_an_interval_is_refused(make_config):
     ("lora.r", "choice(4,4)", ["space.lora.r: 'choice(4,4)' repeats a choice"]),
     ("lora.r", "range(8,4)", ["space.lora.r: 'range(8,4)' is empty"]),
     ("train.learning_rate", "tag(log, interval(0, 1e-3))", ["space.train.learning_rate", "low must be > 0"]),
+    ("train.learning_rate", "tag(logg, interval(1e-5, 1e-3))", ["space.train.learning_rate", "unknown tag(s) ['logg']"]),
+    ("lora.lora_dropout", "interval(0.1, 0.1)", ["space.lora.lora_dropout", "low=0.1, high=0.1"]),
 ])
 def test_bad_space_expression_names_the_path(make_config, path, expr, expected):
     config = make_config({path: expr})

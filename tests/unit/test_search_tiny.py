@@ -1,0 +1,138 @@
+"""Whole sweeps (run_sweep) on a tiny random BERT: pruning every N steps, excluded combinations,
+multi-objective Pareto fronts and warm starts, read back from Optuna, MLflow and the report."""
+
+from __future__ import annotations
+
+import copy
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from lora_sweep import data, models
+from lora_sweep.config import from_mapping
+from lora_sweep.sweep import run_sweep
+from test_trial_tiny import assets  # noqa: F401  (the tiny model and csv fixture)
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def fresh_caches():
+    models.clear_cache()
+    data.clear_cache()
+    yield
+    models.clear_cache()
+    data.clear_cache()
+
+
+@pytest.fixture
+def tiny_config(raw_config, assets):  # noqa: F811
+    model_dir, csv_path = assets
+
+    def _make(space, study, train=None, **top):
+        raw = copy.deepcopy(raw_config)
+        raw["model"]["name_or_path"] = str(model_dir)
+        raw["data"].update(name_or_path=str(csv_path), encoding=None, label_column="label", labels=None,
+                           train_size=80, eval_size=40, max_length=16)
+        raw["train"].update({"num_train_epochs": 2, "device": "cpu", "learning_rate": 5e-2,
+                             "per_device_train_batch_size": 16, "save_adapter": False, **(train or {})})
+        raw["lora"].update(r=4, lora_alpha=8)
+        raw["study"].update(study)
+        raw["space"] = space
+        raw.update(top)
+        return from_mapping(raw)
+
+    return _make
+
+
+def mlflow_runs(config):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    exp = client.get_experiment_by_name(config.experiment_name)
+    return {r.data.tags.get("optuna_trial_number"): r for r in client.search_runs([exp.experiment_id])
+            if "mlflow.parentRunId" in r.data.tags}
+
+
+def test_a_hopeless_trial_is_pruned_at_the_step_it_stopped(tiny_config):
+    # Two warm-start points fix the order: trial 0 (a learning rate that learns) sets the bar; trial 1
+    # (lr 1e-6 learns nothing) falls below it at its first evaluation, 3 optimizer steps in.
+    config = tiny_config({"train.learning_rate": "choice(0.05, 1e-6)"},
+                         {"name": "prune", "sampler": "tpe", "n_trials": 2, "pruner": "percentile",
+                          "pruner_args": {"percentile": 50.0, "n_startup_trials": 1}, "metric": "eval_loss",
+                          "warm_start": [{"train.learning_rate": 0.05}, {"train.learning_rate": 1e-6}]},
+                         train={"eval_steps": 3, "num_train_epochs": 3})
+    study = run_sweep(config)
+    by_lr = {t.params["train.learning_rate"]: t for t in study.trials}
+    good, bad = by_lr[0.05], by_lr[1e-6]
+    assert len(study.trials) == 2
+    assert (good.number, bad.number) == (0, 1) and bad.user_attrs.get("warm_start") is True
+    assert good.state == TrialState.COMPLETE
+    # 80 examples / batch 16 = 5 steps per epoch, 15 in all: evaluated at 3, 6, 9, 12, 15
+    assert sorted(good.intermediate_values) == [3, 6, 9, 12, 15]
+    assert bad.state == TrialState.PRUNED
+    stopped = bad.user_attrs["pruned_at_step"]
+    assert bad.user_attrs["pruned_at_unit"] == "step"
+    assert stopped < 15 and sorted(bad.intermediate_values) == list(range(3, stopped + 1, 3))  # stopped early
+    assert bad.intermediate_values[stopped] > good.intermediate_values[stopped]  # worse than the bar there
+    run = mlflow_runs(config)[str(bad.number)]
+    assert run.info.status == "KILLED"
+    assert run.data.tags["status"] == "pruned" and run.data.tags["pruned_at_step"] == str(stopped)
+    report = (config.report_dir / "report.md").read_text()
+    assert f"trial {bad.number}" in report and f"pruned after step {stopped}" in report
+    assert good.user_attrs["epoch_time_s"] > 0
+
+
+def test_excluded_combinations_are_skipped_with_their_reason(tiny_config):
+    config = tiny_config({"lora.use_dora": "choice(false, true)", "lora.init_lora_weights": "choice(mica)"},
+                         {"name": "dora", "sampler": "grid"}, train={"num_train_epochs": 1})
+    study = run_sweep(config)
+    states = {(t.params["lora.use_dora"], t.params["lora.init_lora_weights"]): t for t in study.trials}
+    assert len(states) == 2
+    excluded = states[(True, "mica")]
+    assert excluded.state == TrialState.PRUNED
+    assert "DoRA" in excluded.user_attrs["excluded"] and "exclude.dora_mica" in excluded.user_attrs["excluded"]
+    assert "epoch_time_s" not in excluded.user_attrs  # never trained
+    assert states[(False, "mica")].state == TrialState.COMPLETE  # MiCA alone trains
+    assert str(excluded.number) not in mlflow_runs(config)
+    assert "excluded, not trained" in (config.report_dir / "report.md").read_text()
+
+
+def test_multi_objective_sweep_stores_and_prints_the_pareto_front(tiny_config, capsys):
+    config = tiny_config({"lora.r": "choice(2, 8)", "lora.target_modules": "choice(query, qkvo)"},
+                         {"name": "mo", "sampler": "grid", "also_minimize": ["trainable_pct"]},
+                         train={"num_train_epochs": 1})
+    study = run_sweep(config)
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 4
+    for t in complete:
+        assert t.values == [t.user_attrs["eval_accuracy"], t.user_attrs["trainable_pct"]]
+        assert not t.intermediate_values  # no pruning reports in a multi-objective study
+
+    def dominated(t):
+        a, p = t.values
+        return any(o.values[0] >= a and o.values[1] <= p and o.values != t.values for o in complete)
+
+    expected = sorted(t.number for t in complete if not dominated(t))
+    import pandas as pd
+
+    front = pd.read_csv(config.report_dir / "pareto.csv")
+    assert sorted(front["trial"]) == expected
+    assert sorted(study.user_attrs["pareto_front"]) == expected
+    # the smallest adapter (r=2 on query only) is always on the front: nothing has fewer parameters
+    smallest = min(complete, key=lambda t: t.values[1])
+    assert smallest.number in expected
+    out = capsys.readouterr().out
+    assert "Pareto front (max eval_accuracy, min trainable_pct)" in out
+    assert f"{len(expected)} trial(s)" in out
