@@ -266,6 +266,8 @@ def param_importances(study, metric: str = ACC) -> dict | None:
             if len({repr(t.params.get(p)) for t in done}) > 1]
     if len(vary) < 2 or len(done) < 3:
         return None
+    if len({t.user_attrs.get(metric) for t in done}) < 2:
+        return None  # every trial scored the same: fANOVA raises "zero total variance"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return optuna.importance.get_param_importances(
