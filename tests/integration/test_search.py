@@ -37,7 +37,7 @@ def test_joint_sweep_warm_starts_and_honours_its_conditions(tmp_path):
 
 
 def test_pareto_sweep_prints_and_stores_its_front(tmp_path):
-    proc = lora_sweep(tmp_path, "+sweep=pareto", "study.n_trials=3")
+    proc = lora_sweep(tmp_path, "+sweep=pareto", "study.n_trials=2")
     study = optuna.load_study(study_name="pareto", storage=f"sqlite:///{tmp_path / 'sweeps' / 'pareto' / 'study.db'}")
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE", "MINIMIZE"]
     front = pd.read_csv(tmp_path / "reports" / "pareto" / "pareto.csv")
