@@ -46,7 +46,13 @@ def quiet_third_party() -> None:
     os.environ.setdefault("BITSANDBYTES_NOWELCOME", "1")
     # transformers' GGUF reader draws a tqdm bar that its own progress-bar switch does not reach.
     os.environ.setdefault("TQDM_DISABLE", "1")
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    from lora_sweep.storage import RedactFilter
+
+    worker = os.environ.get("LORA_SWEEP_WORKER")  # set by study.workers=N for each worker it starts
+    prefix = f"[w{worker}] " if worker else ""
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactFilter())
     log.setLevel(logging.INFO)
     for noisy in ("transformers", "datasets", "peft", "mlflow", "alembic", "urllib3", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -74,11 +80,16 @@ def run(cfg) -> int:
                               f"at a time.")
         from lora_sweep.sweep import run_sweep
 
-        run_sweep(config)
-        return 0
+        result = run_sweep(config)
+        return result if isinstance(result, int) else 0
     except ConfigError as e:
-        print(f"lora-sweep: error: {e}", file=sys.stderr)
+        from lora_sweep.storage import redact
+
+        print(f"lora-sweep: error: {redact(str(e))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the trial is recorded as failed, runs are closed
+        print(f"lora-sweep: interrupted ({e or 'Ctrl-C'}); re-run the same command to resume.", file=sys.stderr)
+        return 130
 
 
 def _report(config) -> int:

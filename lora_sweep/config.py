@@ -180,6 +180,10 @@ class StudyConfig:
     also_minimize: tuple = ()      # multi-objective: any of trainable_pct, peak_memory_mb, epoch_time_s
     warm_start: tuple = ()         # points enqueued as the first trials: "recommended" or {path: value}
     seed: int = 42
+    workers: Any = 1                   # N local worker processes, or "auto" (one per visible GPU)
+    heartbeat_interval: int = 60       # seconds between a running trial's heartbeats (RDB storages)
+    grace_period: int | None = None    # seconds without a heartbeat before a trial counts as dead (null = 2x)
+    max_retry: int = 3                 # how often a trial whose worker died is re-queued
 
     @property
     def objectives(self) -> tuple[str, ...]:
@@ -233,6 +237,20 @@ class StudyConfig:
             w == "recommended" or isinstance(w, Mapping) for w in self.warm_start), "study.warm_start",
             self.warm_start, "a list whose items are `recommended` (seed 004's starting point) or mappings "
             "{parameter path: value}")
+        _require(self.workers == "auto" or (isinstance(self.workers, int) and not isinstance(self.workers, bool)
+                                            and self.workers >= 1),
+                 "study.workers", self.workers, "an integer >= 1 or auto (one worker per visible GPU)")
+        _positive_int("study.heartbeat_interval", self.heartbeat_interval)
+        if self.grace_period is not None:
+            _require(isinstance(self.grace_period, int) and self.grace_period > self.heartbeat_interval,
+                     "study.grace_period", self.grace_period,
+                     f"null or an integer number of seconds > study.heartbeat_interval ({self.heartbeat_interval})")
+        _require(isinstance(self.max_retry, int) and not isinstance(self.max_retry, bool) and self.max_retry >= 0,
+                 "study.max_retry", self.max_retry, "an integer >= 0")
+        if self.storage is not None:
+            from lora_sweep.storage import check_url
+
+            check_url(self.storage, parallel=self.workers != 1)
 
 
 @dataclass(frozen=True)
@@ -325,7 +343,14 @@ class Config:
 
     @property
     def storage_url(self) -> str:
-        return self.study.storage or f"sqlite:///{self.study_dir / 'study.db'}"
+        """study.storage, else SQLite for one worker, or Optuna's journal file when several local
+        workers share the study (SQLite must not be written by parallel processes)."""
+        if self.study.storage:
+            return self.study.storage
+        journal = self.study_dir / "study.journal"
+        if self.study.workers != 1 or (journal.exists() and not (self.study_dir / "study.db").exists()):
+            return f"journal:///{journal}"
+        return f"sqlite:///{self.study_dir / 'study.db'}"
 
     @property
     def tracking_uri(self) -> str:

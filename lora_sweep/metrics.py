@@ -96,3 +96,31 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, 
 
 def dir_size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """MemoryError (Python), torch.OutOfMemoryError (CUDA), and torch's CPU allocator failure,
+    which surfaces as a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
+    if isinstance(error, MemoryError):
+        return True
+    try:
+        import torch
+
+        if isinstance(error, torch.OutOfMemoryError):
+            return True
+    except (ImportError, AttributeError):
+        pass
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text
+                                                or "out of memory" in text.lower())
+
+
+def failure_reason(error: BaseException) -> str:
+    """One line for Optuna, MLflow and the report: what went wrong, and what to do if we know."""
+    detail = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    if is_out_of_memory(error):
+        return (f"out of memory ({detail[:300]}); lower train.per_device_train_batch_size, data.max_length "
+                f"or lora.r")
+    if isinstance(error, KeyboardInterrupt):
+        return f"interrupted ({detail}); re-run the same command to resume"
+    return detail

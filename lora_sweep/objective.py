@@ -9,6 +9,8 @@ Multi-objective studies get a tuple: study.metric, then study.also_minimize in o
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -17,10 +19,10 @@ from typing import Callable
 
 import optuna
 
-from lora_sweep import adapters, data, models, tasks
+from lora_sweep import adapters, data, interrupt, models, tasks
 from lora_sweep.config import Config, TrialSettings
 from lora_sweep.constraints import Excluded
-from lora_sweep.metrics import PeakMemory, release_memory
+from lora_sweep.metrics import PeakMemory, failure_reason, release_memory, rss_mb
 from lora_sweep.progress import Progress
 from lora_sweep.search_space import Point, SearchSpace
 from lora_sweep.train import train
@@ -152,7 +154,10 @@ class Objective:
         tag = f"[{self.started}/{self.planned}] trial {trial.number} ({point.label})"
         trial.set_user_attr("label", point.label)
         self.progress.trial_started(trial.number, point.label)
+        release_memory()
+        trial.set_user_attr("memory_before_mb", round(rss_mb(), 1))  # process RSS: proves a failed trial gave it back
         trial.set_user_attr("device", self.device)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which worker ran it
         preview = _target_names(point.settings)
         params = mlflow_params(point.settings, preview)
         trial.set_user_attr("params", {k: _jsonable(v) for k, v in params.items()})
@@ -186,6 +191,7 @@ class Objective:
             with tempfile.TemporaryDirectory(prefix="lora-sweep-adapter-") as tmp:
                 save = self.config.tracking.log_artifacts and point.settings.train.save_adapter
                 result = run_trial(point.settings, self.device, on_epoch, Path(tmp) / "adapter" if save else None)
+                interrupt.check()  # interrupted after the last step: not a result either
                 if result.adapter_dir is not None:
                     self.tracker.log_artifacts(run_id, result.adapter_dir, "adapter")
         except optuna.TrialPruned as e:
@@ -197,11 +203,14 @@ class Objective:
             self.progress.trial_finished()
             log.info("%s pruned: %s", tag, e)
             raise
-        except BaseException as e:  # KeyboardInterrupt too: the run must not stay RUNNING
-            error = f"{type(e).__name__}: {e}"
+        except BaseException as e:  # KeyboardInterrupt/SIGTERM too: the run must not stay RUNNING
+            error = failure_reason(e)
+            e.__traceback__ = None  # the frames hold the trial's tensors: let them go now, not at the next trial
+            release_memory()
             trial.set_user_attr("error", error)
+            trial.set_user_attr("memory_after_mb", round(rss_mb(), 1))
             self.tracker.set_tags(run_id, {"status": "failed", "error": error})
-            self.tracker.finish_trial(run_id, "failed")
+            self.tracker.finish_trial(run_id, "killed" if isinstance(e, KeyboardInterrupt) else "failed")
             self.progress.trial_finished()
             log.warning("%s failed: %s", tag, error)
             raise

@@ -27,13 +27,18 @@ _STATUS = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialSt
            TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}
 
 
+# A trial failed by Optuna's heartbeat check: its worker died before it could say why.
+_NO_REASON = "its worker stopped sending heartbeats (killed or lost); the trial was queued again"
+
+
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per trial with every stored figure, in trial order."""
     rows = []
     for t in study.get_trials(deepcopy=False):
         ua = t.user_attrs
         row = {"trial": t.number, "label": ua.get("label", ""), "status": _STATUS.get(t.state, t.state.name),
-               "error": ua.get("error", t.system_attrs.get("fail_reason", "")) if t.state == TrialState.FAIL
+               "error": ua.get("error", t.system_attrs.get("fail_reason", _NO_REASON))
+               if t.state == TrialState.FAIL
                else "", "pruned_at_epoch": ua.get("pruned_at_epoch"), "device": ua.get("device", ""),
                "pruned_at": (f"{ua.get('pruned_at_unit', 'epoch')} {ua['pruned_at_step']}"
                              if "pruned_at_step" in ua else ""), "excluded": ua.get("excluded", "")}

@@ -3,6 +3,7 @@ warm-start points enqueued first."""
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from typing import Callable
 
@@ -11,10 +12,22 @@ from optuna.trial import TrialState
 
 from lora_sweep.config import Config, ConfigError
 from lora_sweep.search_space import SearchSpace
+from lora_sweep.storage import open_storage, redact
+
+
+class QueuedGridSampler(optuna.samplers.GridSampler):
+    """GridSampler that leaves queued trials alone: a queued trial carries its grid point, and
+    GridSampler.after_trial would look for a grid_id it never assigned (and stop the study when
+    every point is merely running, which would end workers that could still pop retries)."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        if "grid_id" in trial.system_attrs:
+            super().after_trial(study, trial, state, values)
+
 
 # Names users write in study.sampler / study.pruner. Sampler factories take (seed, space, **sampler_args).
 SAMPLERS: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
-    "grid": lambda seed, space, **kw: optuna.samplers.GridSampler(space.grid(), seed=seed, **kw),
+    "grid": lambda seed, space, **kw: QueuedGridSampler(space.grid(), seed=seed, **kw),
     "random": lambda seed, space, **kw: optuna.samplers.RandomSampler(seed=seed, **kw),
     "tpe": lambda seed, space, **kw: optuna.samplers.TPESampler(seed=seed, **kw),
     "nsga2": lambda seed, space, **kw: optuna.samplers.NSGAIISampler(seed=seed, **kw),
@@ -82,11 +95,10 @@ def create_study(config: Config, space: SearchSpace) -> optuna.Study:
     """Create or load (resume) the study named by study.name on study.storage."""
     sampler = make_sampler(config, space)
     pruner = make_pruner(config)
-    if config.study.storage is None:
-        config.study_dir.mkdir(parents=True, exist_ok=True)
+    storage = open_storage(config)
     study = optuna.create_study(
         study_name=config.study.name,
-        storage=config.storage_url,
+        storage=storage,
         sampler=sampler,
         pruner=pruner,
         directions=list(config.study.directions),
@@ -205,26 +217,78 @@ def trials_budget(config: Config, space: SearchSpace) -> int:
 
 
 def resume(config: Config, space: SearchSpace, study: optuna.Study) -> int:
-    """Prepare a (re)started sweep; returns how many trials to start. GridSampler counts a failed
-    point as visited, so failed grid points with no finished retry are queued again explicitly."""
+    """Prepare a (re)started sweep; returns how many trials to start. A grid is queued: every
+    point that is neither done nor already queued or running becomes a WAITING trial (failed
+    points included, so they are retried), and workers pop them one at a time (see QueueStudy).
+    Call it under storage.study_lock when several workers may start at once."""
     if sampler_name(config, space) == "grid":
         def key(params: dict) -> tuple:
             return tuple(sorted(params.items()))
 
+        def params_of(t) -> dict:
+            return t.params or t.system_attrs.get("fixed_params", {})
+
         done = {key(t.params) for t in study.get_trials(deepcopy=False, states=DONE)}
-        queued = {key(t.params) for t in study.get_trials(deepcopy=False, states=PENDING)}
-        for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-            if t.params and key(t.params) not in done | queued:
-                study.enqueue_trial(t.params)
-                queued.add(key(t.params))
+        held = done | {key(params_of(t)) for t in study.get_trials(deepcopy=False, states=PENDING)}
+        room = trials_to_run(config, space, study) - (len(held) - len(done))
+        for params in grid_points(space):
+            if room <= 0:
+                break
+            if key(params) not in held:
+                study.enqueue_trial(params)
+                held.add(key(params))
+                room -= 1
     return trials_to_run(config, space, study)
+
+
+def grid_points(space: SearchSpace) -> list[dict]:
+    """Every grid point, in the order the space lists its values (r=4, 8, 16, 32)."""
+    grid = space.grid()
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
+
+class QueueEmpty(Exception):
+    """No WAITING trial is left for this worker: the grid is fully handed out."""
+
+
+class QueueStudy(optuna.Study):
+    """A study whose ask() only hands out queued (WAITING) trials. Optuna pops a waiting trial
+    atomically (a conditional update in RDB storages, an ordered log in the journal), so two
+    workers never get the same grid point; where plain ask() would invent a new trial once the
+    queue is empty (and GridSampler would then repeat a running point), this raises QueueEmpty.
+    Overrides Optuna's private pop hook; tests/unit/test_storage.py and the 4-worker test guard it."""
+
+    def _pop_waiting_trial_id(self) -> int | None:
+        trial_id = super()._pop_waiting_trial_id()
+        if trial_id is None:
+            raise QueueEmpty()
+        return trial_id
+
+
+def queue_study(study: optuna.Study) -> QueueStudy:
+    return QueueStudy(study_name=study.study_name, storage=study._storage, sampler=study.sampler,
+                      pruner=study.pruner)
+
+
+def fail_orphans(study: optuna.Study) -> list[int]:
+    """Mark RUNNING trials FAIL (their worker is gone: the caller holds the study's owner lock)."""
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        try:  # the reason first: a finished trial takes no more attributes
+            study._storage.set_trial_user_attr(t._trial_id, "error", "worker died mid-trial (found RUNNING "
+                                               "when its sweep started again)")
+            if study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                failed.append(t.number)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass
+    return failed
 
 
 def load_study(config: Config) -> optuna.Study:
     """The stored study, for reports; a clear error if there is none."""
     try:
-        return optuna.load_study(study_name=config.study.name, storage=config.storage_url)
+        return optuna.load_study(study_name=config.study.name, storage=open_storage(config))
     except KeyError:
-        raise ConfigError(f"No stored study named {config.study.name!r} in {config.storage_url}. "
+        raise ConfigError(f"No stored study named {config.study.name!r} in {redact(config.storage_url)}. "
                           f"Run the sweep first (python -m lora_sweep +sweep={config.study.name}), "
                           f"or point study.storage at where it ran.") from None

@@ -9,17 +9,24 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import signal
 import sys
+import warnings
 
 import optuna
+from optuna.trial import TrialState
 
-from lora_sweep import adapters, data, environment, models, pareto, report
+from lora_sweep import adapters, data, environment, interrupt, models, pareto, report, storage
 from lora_sweep.config import Config, ConfigError
 from lora_sweep.objective import Objective
 from lora_sweep.progress import progress_for
 from lora_sweep.search_space import SearchSpace
-from lora_sweep.study import (budget_callbacks, create_study, enqueue_warm_start, make_pruner, make_sampler,
-                              resume, sampler_name, warm_start_points)
+from lora_sweep.study import (QueueEmpty, budget_callbacks, create_study, enqueue_warm_start, fail_orphans,
+                              make_pruner, make_sampler, queue_study, resume, sampler_name, warm_start_points)
+from lora_sweep.tracking import PARENT_ATTR
+
+LAUNCHED_ENV = "LORA_SWEEP_LAUNCHER"  # set by workers.launch for the workers it starts
 
 log = logging.getLogger("lora_sweep")
 
@@ -44,10 +51,16 @@ def preflight(config: Config, space: SearchSpace) -> str:
     return device
 
 
-def run_sweep(config: Config, callbacks: tuple = ()) -> optuna.Study:
-    """callbacks: extra Optuna callbacks (the search benchmark stops a search at its target)."""
+def run_sweep(config: Config, callbacks: tuple = ()) -> optuna.Study | int:
+    """Run (or resume) the sweep in this process; with study.workers != 1, start the workers and
+    return their exit status. callbacks: extra Optuna callbacks (the search benchmark stops a
+    search at its target)."""
     space = SearchSpace(config)
     sampler = sampler_name(config, space)
+    if config.study.workers != 1:
+        from lora_sweep.workers import launch
+
+        return launch(config, space)
     log.info("Sweep %r: %s sampler, %s pruner, over %s", config.study.name, sampler, config.study.pruner,
              ", ".join(f"{k}={v}" for k, v in config.space.items()) or "the base configuration")
     for reason in space.dropped.values():
@@ -59,9 +72,42 @@ def run_sweep(config: Config, callbacks: tuple = ()) -> optuna.Study:
     make_sampler(config, space), make_pruner(config), warm_start_points(config, space)
     device = preflight(config, space)
 
+    # A local store (SQLite, journal) serves one process tree: its owner knows RUNNING trials
+    # there are orphans. Workers started by `study.workers=N` run under their launcher's lock.
+    owner = None
+    if storage.is_local(config.storage_url) and not os.environ.get(LAUNCHED_ENV):
+        owner = storage.OwnerLock(config)
+        owner.acquire()
+    try:
+        return _run(config, space, sampler, device, orphans=owner is not None, callbacks=callbacks)
+    finally:
+        if owner is not None:
+            owner.release()
+
+
+def _run(config: Config, space: SearchSpace, sampler: str, device: str, orphans: bool,
+         callbacks: tuple = ()) -> optuna.Study:
     study = create_study(config, space)
     _log_to_file(config)
-    n = resume(config, space, study)
+    with storage.study_lock(config):  # one worker at a time queues the grid and creates the parent run
+        stale = fail_orphans(study) if orphans else _fail_stale(study)
+        if stale:
+            log.warning("Trial(s) %s were left RUNNING by a worker that died; marked failed and queued again",
+                        ", ".join(map(str, stale)))
+        n = resume(config, space, study)
+        tracker = parent = None
+        if n > 0 or PARENT_ATTR in study.user_attrs:
+            from lora_sweep.tracking import Tracker
+
+            tracker = Tracker(config.tracking_uri, config.experiment_name,
+                              config.paths.sweeps_dir / "mlartifacts")
+            meta = _meta(config, sampler, device)
+            if "meta" not in study.user_attrs:
+                study.set_user_attr("meta", meta)
+            parent = tracker.parent_run(study, f"sweep {config.study.name}", {
+                "study_name": config.study.name, "sampler": sampler, "device": meta["device"],
+                "git_commit": meta["git_commit"]}, reopen=n > 0)
+            _close_orphan_runs(tracker, parent, study)
     if n == 0:
         log.info("Sweep %r is complete (%d trials done); nothing to run. Delete %s to start over.",
                  config.study.name, len(study.trials), config.study_dir)
@@ -75,39 +121,62 @@ def run_sweep(config: Config, callbacks: tuple = ()) -> optuna.Study:
     elif config.study.warm_start:
         log.info("Warm start ignored: a grid visits every point anyway (study.sampler=%s)", sampler)
 
-    from lora_sweep.tracking import Tracker
-
-    tracker = Tracker(config.tracking_uri, config.experiment_name, config.paths.sweeps_dir / "mlartifacts")
-    meta = _meta(config, sampler, device)
-    if "meta" not in study.user_attrs:
-        study.set_user_attr("meta", meta)
-    parent = tracker.parent_run(study, f"sweep {config.study.name}", {
-        "study_name": config.study.name, "sampler": sampler, "device": meta["device"],
-        "git_commit": meta["git_commit"]})
     log.info("Device: %s. Running %d trial(s); MLflow experiment %r at %s", meta["device"], n,
-             config.experiment_name, config.tracking_uri)
+             config.experiment_name, storage.redact(config.tracking_uri))
     tags = {"study_name": config.study.name, "device": meta["device"], "git_commit": meta["git_commit"],
             **{f"version.{k}": v for k, v in meta["versions"].items()}}
+    grid = sampler == "grid"
     status = "FINISHED"
+    previous = interrupt.install()
     try:
         with progress_for(n, config.base.train.num_train_epochs, config.study.metric,
                           config.study.direction) as progress:
             objective = Objective(config, space, tracker, parent, device, tags, planned=n, progress=progress)
-            study.optimize(objective, n_trials=n, timeout=config.study.timeout, catch=(Exception,),
-                           callbacks=[*budget_callbacks(config, space), *callbacks])
+            if grid:  # workers pop queued points until none is left
+                queue_study(study).optimize(objective, catch=(Exception,), timeout=config.study.timeout,
+                                            callbacks=[*budget_callbacks(config, space), *callbacks])
+            else:  # study-wide budgets: n_trials and budget_s count every worker's trials
+                study.optimize(objective, n_trials=n, timeout=config.study.timeout, catch=(Exception,),
+                               callbacks=[*budget_callbacks(config, space), *callbacks])
+    except QueueEmpty:
+        pass
     except BaseException:
         status = "KILLED"
         raise
     finally:
-        path = report.write_report(config, study)
-        if path is not None:
-            report.publish(config, study, path, tracker)
-        tracker.finish_parent(parent, status)
+        signal.signal(signal.SIGTERM, previous)
+        with storage.study_lock(config):  # workers finishing together must not both write the parent
+            _close_orphan_runs(tracker, parent, study)
+            path = report.write_report(config, study)
+            # The last worker out closes the parent (a later start reopens it). Queued points may
+            # remain (an interrupted sweep): only trials in flight mean another worker is still busy.
+            if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if path is not None:
+                    report.publish(config, study, path, tracker)
+                tracker.finish_parent(parent, status)
     print(report.summary(config, study), flush=True)
     if config.study.multi_objective:
         front, path = pareto.store(config, study)
         print(pareto.format_front(config, front) + f"\nPareto front: {path}", flush=True)
     return study
+
+
+def _fail_stale(study: optuna.Study) -> list[int]:
+    """Trials whose worker stopped sending heartbeats (RDB storages): FAIL, and re-queued."""
+    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    return sorted({t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))} - before)
+
+
+def _close_orphan_runs(tracker, parent, study: optuna.Study) -> None:
+    if tracker is None:
+        return
+    states = {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
+    closed = tracker.close_orphans(parent, states)
+    if closed:
+        log.warning("Closed %d MLflow run(s) left RUNNING by a dead worker (marked KILLED)", len(closed))
 
 
 def _meta(config: Config, sampler: str, device: str) -> dict:
@@ -123,10 +192,11 @@ def _meta(config: Config, sampler: str, device: str) -> dict:
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "sampler": sampler,
         "space": dict(config.space),
-        "command": "python -m lora_sweep " + " ".join(sys.argv[1:]),
+        "command": storage.redact("python -m lora_sweep " + " ".join(sys.argv[1:])),
         "versions": environment.versions(),
         "git_commit": environment.git_commit(),
-        "tracking_uri": config.tracking_uri,
+        "tracking_uri": storage.redact(config.tracking_uri),
+        "storage": storage.redact(config.storage_url),
         "experiment_name": config.experiment_name,
     }
 
@@ -134,5 +204,6 @@ def _meta(config: Config, sampler: str, device: str) -> dict:
 def _log_to_file(config: Config) -> None:
     config.study_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(config.study_dir / "sweep.log")
+    handler.addFilter(storage.RedactFilter())
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("lora_sweep").addHandler(handler)

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 PARENT_ATTR = "mlflow_parent_run_id"
 # MLflow run statuses for our trial outcomes.
-STATUS = {"complete": "FINISHED", "failed": "FAILED", "pruned": "KILLED"}
+STATUS = {"complete": "FINISHED", "failed": "FAILED", "pruned": "KILLED", "killed": "KILLED"}
 
 
 class Tracker:
@@ -39,12 +39,15 @@ class Tracker:
         self.experiment_name = experiment_name
 
     # -- parent run -------------------------------------------------------------------------
-    def parent_run(self, study, name: str, tags: Mapping[str, str]) -> str:
-        """The sweep's parent run: created once, stored on the study, reopened on resume."""
+    def parent_run(self, study, name: str, tags: Mapping[str, str], reopen: bool = True) -> str:
+        """The sweep's parent run: created once, stored on the study, reopened on resume. All
+        workers share it; the caller holds the study's lock, so two workers never create two."""
         run_id = study.user_attrs.get(PARENT_ATTR)
         if run_id is not None:
             try:
-                self.client.update_run(run_id, status="RUNNING")
+                run = self.client.get_run(run_id)
+                if reopen and run.info.status != "RUNNING":
+                    self.client.update_run(run_id, status="RUNNING")
                 return run_id
             except Exception:  # deleted by hand, or another tracking store: start a new one
                 log.warning("MLflow parent run %s not found in %s; starting a new one", run_id, self.uri)
@@ -66,8 +69,9 @@ class Tracker:
                     tags: Mapping[str, str]) -> str:
         from mlflow.entities import Param, RunTag
 
+        # Tag values must be strings for a tracking server (the REST store rejects ints).
         run = self.client.create_run(self.experiment_id, run_name=name,
-                                     tags={"mlflow.parentRunId": parent_id, **tags})
+                                     tags={"mlflow.parentRunId": parent_id, **{k: str(v) for k, v in tags.items()}})
         self.client.log_batch(run.info.run_id,
                               params=[Param(k, _param(v)) for k, v in params.items()],
                               tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -95,6 +99,23 @@ class Tracker:
 
     def finish_trial(self, run_id: str, outcome: str) -> None:
         self.client.set_terminated(run_id, status=STATUS[outcome])
+
+    def close_orphans(self, parent_id: str, trial_states: Mapping[int, str]) -> list[str]:
+        """Child runs left RUNNING by a worker that died (SIGKILL, power loss): once Optuna no
+        longer counts their trial as running, mark them KILLED with the reason. Returns run ids."""
+        closed = []
+        for run in self.client.search_runs([self.experiment_id], max_results=10_000,
+                                           filter_string=f"tags.mlflow.parentRunId = '{parent_id}' "
+                                                         f"and attributes.status = 'RUNNING'"):
+            number = run.data.tags.get("optuna_trial_number")
+            state = trial_states.get(int(number)) if number is not None and number.isdigit() else None
+            if state == "RUNNING":
+                continue  # another worker is training it right now
+            self.set_tags(run.info.run_id, {"status": "failed", "error": f"worker died mid-trial (Optuna trial "
+                                            f"{number} is {state or 'unknown'}); closed on a later start"})
+            self.client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+        return closed
 
     # -- reading back -----------------------------------------------------------------------
     def child_runs(self, parent_id: str):

@@ -25,6 +25,7 @@ from transformers import (
     TrainingArguments,
 )
 
+from lora_sweep import interrupt
 from lora_sweep.config import TrainConfig
 from lora_sweep.tasks import SequenceClassification, Task
 
@@ -79,6 +80,7 @@ class _TrialCallback(TrainerCallback):
         self.training = False  # the Trainer evaluates after on_epoch_end
 
     def on_step_end(self, args, state, control, **kwargs):
+        interrupt.check()  # a SIGTERM whose exception a library swallowed ends the trial here
         if control.should_evaluate:
             self.training = False  # train.eval_steps: an evaluation runs now, inside the epoch
 
@@ -95,6 +97,9 @@ class _TrialCallback(TrainerCallback):
         runtime = metrics.get("eval_runtime", 0.0)
         self.result.eval_seconds += runtime + time.perf_counter() - t0
         step = state.global_step if self.by_steps else len(self.result.epochs) + 1
+        if not math.isfinite(row.get("eval_loss", 0.0)):  # diverged weights: its accuracy means nothing
+            raise NonFiniteLoss(f"eval loss became {row['eval_loss']} at step {state.global_step}; lower "
+                                f"train.learning_rate or check the data.")
         self.result.epochs.append(row)
         self.result.steps.append(step)
         try:
@@ -158,7 +163,7 @@ def train(model, tokenizer, train_set, eval_set, settings: TrainConfig, device: 
             eval_steps=settings.eval_steps,
             save_strategy="no",
             logging_strategy="steps",
-            logging_steps=10,
+            logging_steps=1,  # every step: a non-finite loss stops the trial at once (on_log)
             report_to="none",
             disable_tqdm=True,
             dataloader_pin_memory=device == "cuda",

@@ -1,0 +1,96 @@
+"""Real services for the scale-out tests: a fresh PostgreSQL database per test on 127.0.0.1:5432
+and an `mlflow server` subprocess on a free loopback port (PostgreSQL backend store)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+PG_ADMIN = dict(host="127.0.0.1", port=5432, user="postgres", dbname="test")
+# The server trusts loopback connections, so any password works: it stands for a real secret
+# that must never reach MLflow, logs or reports.
+SECRET = "s3cret-Pa55word"
+TINY = ["data.train_size=32", "data.eval_size=16", "train.num_train_epochs=1", "data.max_length=32"]
+
+
+def _admin(sql: str) -> None:
+    psycopg2 = pytest.importorskip("psycopg2")
+    try:
+        conn = psycopg2.connect(connect_timeout=3, **PG_ADMIN)
+    except psycopg2.OperationalError as e:
+        pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432 ({e})")
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(sql)
+    conn.close()
+
+
+@contextmanager
+def fresh_database(prefix: str = "lora_sweep_test"):
+    """CREATE DATABASE <prefix>_<random>; yields its name; drops it afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    _admin(f"CREATE DATABASE {name}")
+    try:
+        yield name
+    finally:
+        _admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def pg_url(db: str, password: str = SECRET) -> str:
+    return f"postgresql://postgres:{password}@127.0.0.1:5432/{db}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def mlflow_server(tmp: Path):
+    """`mlflow server` on 127.0.0.1:<free port>, its runs in a fresh PostgreSQL database."""
+    with fresh_database("lora_sweep_mlflow") as db:
+        port = free_port()
+        log = open(tmp / "mlflow-server.log", "w")
+        mlflow_bin = Path(sys.executable).with_name("mlflow")
+        proc = subprocess.Popen(
+            [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", pg_url(db, ""), "--artifacts-destination", str(tmp / "mlartifacts")],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                        break
+                except OSError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"mlflow server did not start:\n{(tmp / 'mlflow-server.log').read_text()[-3000:]}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            os.killpg(proc.pid, 15)
+            proc.wait(timeout=30)
+            log.close()
+
+
+def lora_sweep_cmd(tmp: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "lora_sweep", *TINY, *args, f"paths.sweeps_dir={tmp / 'sweeps'}",
+            f"paths.reports_dir={tmp / 'reports'}"]  # args after TINY: a test may override its sizes
+
+
+def worker_env(**extra: str) -> dict:
+    # One torch thread per worker: four workers on a 2-core machine must not oversubscribe it.
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+            "CUDA_VISIBLE_DEVICES": "", **extra}

@@ -1,0 +1,177 @@
+"""Many workers, one study: real `python -m lora_sweep` processes on the real PostgreSQL at
+127.0.0.1:5432 (a fresh database per test) logging to a real `mlflow server` on loopback.
+
+- 4 workers share a 12-point grid: exactly one complete trial per point, one MLflow parent.
+- SIGTERM mid-trial ends it cleanly; SIGKILL mid-trial leaves nothing stuck after a restart.
+- study.workers=2 on CPU: the launcher splits the cores and shares a journal file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from services import SECRET, lora_sweep_cmd, pg_url, worker_env
+
+pytestmark = pytest.mark.slow
+
+GRID12 = 'space.lora.r="choice(1,2,3,4,5,6,7,8,9,10,11,12)"'
+
+
+def start(tmp: Path, name: str, *args: str, **env: str) -> tuple[subprocess.Popen, Path]:
+    out = tmp / f"{name}.log"
+    proc = subprocess.Popen(lora_sweep_cmd(tmp, *args), cwd=tmp, env=worker_env(**env),
+                            stdout=open(out, "w"), stderr=subprocess.STDOUT)
+    return proc, out
+
+
+def finish(proc: subprocess.Popen, out: Path, expect: int = 0, timeout: float = 600) -> str:
+    code = proc.wait(timeout=timeout)
+    text = out.read_text()
+    assert code == expect, f"exit {code} (expected {expect})\n{text[-4000:]}"
+    return text
+
+
+def load(db: str, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=pg_url(db))
+
+
+def mlflow_runs(url: str, experiment: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=url)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+def wait_for_trial_start(proc: subprocess.Popen, out: Path, timeout: float = 300) -> int:
+    """Block until the worker's log says a trial started training (its MLflow run exists by then);
+    returns the trial number. The log is read, not the database: the signal must land mid-trial."""
+    started = re.compile(r"\] trial (\d+) \(r=\d+\): r=")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = started.search(out.read_text())
+        if match:
+            return int(match[1])
+        assert proc.poll() is None, f"worker exited before a trial started:\n{out.read_text()[-3000:]}"
+        time.sleep(0.05)
+    raise AssertionError(f"no trial started within {timeout} s:\n{out.read_text()[-3000:]}")
+
+
+def assert_secret_nowhere(tmp: Path, study: optuna.Study, runs: list, logs: list[str]) -> None:
+    for run in runs:
+        for where in (run.data.params, run.data.tags):
+            assert not any(SECRET in str(v) for v in where.values()), where
+    assert not any(SECRET in text for text in logs)
+    assert SECRET not in json.dumps(study.user_attrs, default=str)
+    for path in (tmp / "reports").rglob("*"):
+        if path.is_file():
+            assert SECRET not in path.read_text(), path
+    for path in (tmp / "sweeps").rglob("*.log"):
+        assert SECRET not in path.read_text(), path
+
+
+def test_four_workers_share_one_grid_without_repeating_a_point(tmp_path, study_db, mlflow_url):
+    args = ["+sweep=rank", GRID12, "study.name=four", f"study.storage={pg_url(study_db)}",
+            f"tracking.uri={mlflow_url}"]
+    workers = [start(tmp_path, f"w{i}", *args) for i in range(4)]
+    logs = [finish(p, out) for p, out in workers]
+
+    study = load(study_db, "four")
+    trials = study.get_trials()
+    complete = Counter(t.params["lora.r"] for t in trials if t.state == TrialState.COMPLETE)
+    assert complete == Counter(range(1, 13))  # exactly one complete trial per grid point
+    assert len(trials) == 12, [(t.number, t.state, t.params) for t in trials]  # nothing extra, nothing failed
+    busy = Counter(t.user_attrs["worker"] for t in trials)
+    assert len(busy) >= 2, f"one worker did everything: {busy}"  # the points were shared out
+
+    parents, children = mlflow_runs(mlflow_url, "lora-sweep/four")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # one parent for all workers
+    assert len(children) == 12
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert sorted(int(c.data.params["r"]) for c in children) == list(range(1, 13))
+    assert_secret_nowhere(tmp_path, study, parents + children, logs)
+    assert "postgresql://postgres:***@127.0.0.1:5432" in study.user_attrs["meta"]["command"]
+
+
+def test_sigterm_then_sigkill_mid_trial_then_a_restart_finishes_the_grid(tmp_path, study_db, mlflow_url):
+    # 96 examples: trials long enough (several seconds) that a signal lands mid-trial.
+    args = ["+sweep=rank", 'space.lora.r="choice(2,4,8)"', "study.name=kill", "data.train_size=96",
+            f"study.storage={pg_url(study_db)}", f"tracking.uri={mlflow_url}", "study.heartbeat_interval=1", "study.grace_period=3",
+            "tracking.log_artifacts=false"]
+
+    # SIGTERM: the current trial ends as failed (interrupted), its run is closed, exit status 130.
+    proc, out = start(tmp_path, "term", *args)
+    victim = wait_for_trial_start(proc, out)
+    proc.send_signal(signal.SIGTERM)
+    text = finish(proc, out, expect=130)
+    assert "re-run the same command to resume" in text
+    interrupted = load(study_db, "kill").trials[victim]
+    assert interrupted.state == TrialState.FAIL and "interrupted" in interrupted.user_attrs["error"]
+    parents, children = mlflow_runs(mlflow_url, "lora-sweep/kill")
+    assert {r.info.status for r in parents + children} <= {"FINISHED", "KILLED"}  # nothing left RUNNING
+
+    # SIGKILL: nothing can be closed by the dying worker; the trial and its run stay RUNNING ...
+    proc, out = start(tmp_path, "kill", *args)
+    number = wait_for_trial_start(proc, out)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    killed = load(study_db, "kill").trials[number]
+    assert killed.state == TrialState.RUNNING
+    killed_run = killed.user_attrs["mlflow_run_id"]
+    assert {c.info.run_id: c.info.status for c in mlflow_runs(mlflow_url, "lora-sweep/kill")[1]}[killed_run] \
+        == "RUNNING"
+
+    # ... until the next start: heartbeats have stopped, the trial is failed and queued again,
+    # its MLflow run is marked KILLED, and the grid completes with each point done once.
+    time.sleep(3)  # study.grace_period
+    proc, out = start(tmp_path, "restart", *args)
+    text = finish(proc, out)
+    assert "left RUNNING by a worker that died" in text
+    study = load(study_db, "kill")
+    states = Counter(t.state for t in study.trials)
+    assert states[TrialState.RUNNING] == states[TrialState.WAITING] == 0
+    complete = Counter(t.params["lora.r"] for t in study.trials if t.state == TrialState.COMPLETE)
+    assert complete == Counter([2, 4, 8])
+    assert study.trials[killed.number].state == TrialState.FAIL
+    parents, children = mlflow_runs(mlflow_url, "lora-sweep/kill")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    by_id = {c.info.run_id: c for c in children}
+    assert by_id[killed_run].info.status == "KILLED"
+    assert "worker died" in by_id[killed_run].data.tags["error"]
+    assert not [c for c in children if c.info.status == "RUNNING"]
+    assert sum(c.info.status == "FINISHED" for c in children) == 3
+
+
+def test_cpu_workers_launcher_splits_cores_and_shares_a_journal(tmp_path):
+    proc, out = start(tmp_path, "launcher", "+sweep=rank", 'space.lora.r="choice(1,2,3,4)"', "study.name=local",
+                      "study.workers=2", "tracking.log_artifacts=false")
+    text = finish(proc, out)
+    cores = re.search(r"Starting 2 workers .*: w0: CPU cores ([\d,]+); w1: CPU cores ([\d,]+)", text)
+    assert cores, text[-3000:]
+    assert not set(cores[1].split(",")) & set(cores[2].split(","))  # each worker has cores of its own
+    journal = tmp_path / "sweeps" / "local" / "study.journal"
+    assert journal.is_file() and not (tmp_path / "sweeps" / "local" / "study.db").exists()
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    study = optuna.load_study(study_name="local", storage=JournalStorage(JournalFileBackend(str(journal))))
+    complete = Counter(t.params["lora.r"] for t in study.trials if t.state == TrialState.COMPLETE)
+    assert complete == Counter([1, 2, 3, 4]) and len(study.trials) == 4
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 2
+    assert "[w0]" in text and "[w1]" in text
+    # The report reads the journal without being told where it is.
+    report = (tmp_path / "reports" / "local" / "report.md").read_text()
+    assert report.count("| r=") == 4
