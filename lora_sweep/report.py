@@ -299,6 +299,7 @@ def summary(config: Config, study: optuna.Study) -> str:
 
 def check_exists(config: Config) -> None:
     """Report mode on a sweep that never ran: say so, and create nothing."""
-    if config.study.storage is None and not (config.study_dir / "study.db").exists():
+    stored = [config.study_dir / "study.db", config.study_dir / "study.journal"]  # one worker / several
+    if config.study.storage is None and not any(p.exists() for p in stored):
         raise ConfigError(f"No results for sweep {config.study.name!r}: {config.study_dir / 'study.db'} does not "
                           f"exist. Run it first: python -m lora_sweep +sweep={config.study.name}")
