@@ -76,11 +76,10 @@ def assert_secret_nowhere(tmp: Path, study: optuna.Study, runs: list, logs: list
             assert not any(SECRET in str(v) for v in where.values()), where
     assert not any(SECRET in text for text in logs)
     assert SECRET not in json.dumps(study.user_attrs, default=str)
-    for path in (tmp / "reports").rglob("*"):
-        if path.is_file():
-            assert SECRET not in path.read_text(), path
-    for path in (tmp / "sweeps").rglob("*.log"):
-        assert SECRET not in path.read_text(), path
+    for folder in ("reports", "sweeps"):  # report.md/csv, plots, sweep.log, the local files of the sweep
+        for path in (tmp / folder).rglob("*"):
+            if path.is_file():
+                assert SECRET.encode() not in path.read_bytes(), path
 
 
 def test_four_workers_share_one_grid_without_repeating_a_point(tmp_path, study_db, mlflow_url):
