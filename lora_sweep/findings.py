@@ -14,6 +14,7 @@ A difference smaller than 1.96 standard errors of the difference is reported as 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,13 +102,22 @@ class Level:
         return f"{self.name} ({_trials(self.trials)})"
 
 
+def variant_label(label: str) -> str:
+    """A point's label is the variant's label, then ", path=value" for other searched parameters; keep the
+    variant's own label whole even when it has commas ("Text Generation (r=8, q/k/v/o)")."""
+    parts = label.split(", ")
+    while len(parts) > 1 and re.match(r"^[\w.\-]+=", parts[-1]):
+        parts.pop()
+    return ", ".join(parts)
+
+
 def levels(done: pd.DataFrame, column: str | None) -> list[Level]:
     """Configurations in table order; `column` groups by one parameter, None by the label."""
     key = done[column].astype(str) if column else done["label"].astype(str)
     out = []
     for name, g in done.groupby(key, sort=False):
         if column == "param.variant":  # the variant's label ("Query-Only"), not its key
-            name = str(g["label"].iloc[0]).split(", ")[0]
+            name = variant_label(str(g["label"].iloc[0]))
         elif column:
             name = _show(g[column].iloc[0])
         out.append(Level(str(name), 100 * float(g[ACC].mean()),

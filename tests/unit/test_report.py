@@ -200,3 +200,12 @@ def test_parent_description_fits_mlflow_and_keeps_whole_sections():
     assert len(fitted) <= 8000 and "## Results" in fitted and "## Findings" not in fitted
     assert "Truncated" in fitted
     assert fit_description("short") == "short"
+
+
+def test_variant_labels_with_commas_stay_whole():
+    from lora_sweep.findings import variant_label
+
+    assert variant_label("Text Generation (r=8, q/k/v/o)") == "Text Generation (r=8, q/k/v/o)"
+    assert variant_label("Query-Only, r=8") == "Query-Only"
+    assert variant_label("Text Generation (r=8, q/k/v/o), learning_rate=0.001, seed=2") == \
+        "Text Generation (r=8, q/k/v/o)"
