@@ -6,9 +6,11 @@ import copy
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from lora_sweep import data, models
 from lora_sweep.config import from_mapping
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -50,3 +52,22 @@ def make_config(raw_config):
         return from_mapping(raw)
 
     return _make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one torch thread is much faster than two fighting over a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def fresh_caches():
+    """Per-process caches of base models and tokenized data, emptied so tests never share them."""
+    models.clear_cache()
+    data.clear_cache()
+    yield
+    models.clear_cache()
+    data.clear_cache()

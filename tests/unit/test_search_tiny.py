@@ -7,32 +7,14 @@ import copy
 
 import optuna
 import pytest
-import torch
 from optuna.trial import TrialState
 
-from lora_sweep import data, models
 from lora_sweep.config import from_mapping
 from lora_sweep.sweep import run_sweep
 from test_trial_tiny import assets  # noqa: F401  (the tiny model and csv fixture)
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def fresh_caches():
-    models.clear_cache()
-    data.clear_cache()
-    yield
-    models.clear_cache()
-    data.clear_cache()
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
+              pytest.mark.usefixtures("one_thread", "fresh_caches")]
 
 
 @pytest.fixture

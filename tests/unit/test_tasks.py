@@ -18,24 +18,8 @@ from lora_sweep.models import TrialError
 from lora_sweep.objective import run_trial
 from lora_sweep.tasks import IGNORE, CausalLM, Seq2SeqLM, get_task, label_scores, metric_names
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def fresh_caches():
-    models.clear_cache()
-    data.clear_cache()
-    yield
-    models.clear_cache()
-    data.clear_cache()
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
+              pytest.mark.usefixtures("one_thread", "fresh_caches")]
 
 
 @pytest.fixture(scope="module")

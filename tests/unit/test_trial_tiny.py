@@ -15,28 +15,11 @@ from lora_sweep.adapters import apply_lora, parameter_counts
 from lora_sweep.config import from_mapping, resolve_path
 from lora_sweep.objective import RESULT_KEYS, run_trial
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
+              pytest.mark.usefixtures("one_thread", "fresh_caches")]
 
 POSITIVE = ["good", "great", "excellent", "happy", "love", "wonderful", "nice", "fine"]
 NEGATIVE = ["bad", "awful", "terrible", "sad", "hate", "horrible", "poor", "ugly"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matrices: one thread is much faster than two fighting over a busy 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def fresh_caches():
-    models.clear_cache()
-    data.clear_cache()
-    yield
-    models.clear_cache()
-    data.clear_cache()
 
 
 @pytest.fixture(scope="module")
