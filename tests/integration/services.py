@@ -4,6 +4,7 @@ and an `mlflow server` subprocess on a free loopback port (PostgreSQL backend st
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -58,33 +59,47 @@ def free_port() -> int:
 
 
 @contextmanager
-def mlflow_server(tmp: Path):
-    """`mlflow server` on 127.0.0.1:<free port>, its runs in a fresh PostgreSQL database."""
-    with fresh_database("lora_sweep_mlflow") as db:
-        port = free_port()
-        log = open(tmp / "mlflow-server.log", "w")
-        mlflow_bin = Path(sys.executable).with_name("mlflow")
-        proc = subprocess.Popen(
-            [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", pg_url(db, ""), "--artifacts-destination", str(tmp / "mlartifacts")],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+def serve_mlflow(backend_store_uri: str, log_path: Path, *extra: str, timeout_s: float = 180):
+    """A real `mlflow server` on 127.0.0.1:<free port> over `backend_store_uri`; yields its URL once
+    /health answers, and stops it (its own session: the server and its workers) afterwards."""
+    port = free_port()
+    log = open(log_path, "w")
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen(
+        [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", backend_store_uri, *extra],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
                         break
-                except OSError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not start:\n{(tmp / 'mlflow-server.log').read_text()[-3000:]}")
-                time.sleep(0.5)
-            yield url
-        finally:
-            os.killpg(proc.pid, 15)
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
             proc.wait(timeout=30)
-            log.close()
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+@contextmanager
+def mlflow_server(tmp: Path):
+    """`mlflow server` on loopback, its runs in a fresh PostgreSQL database."""
+    with fresh_database("lora_sweep_mlflow") as db:
+        with serve_mlflow(pg_url(db, ""), tmp / "mlflow-server.log",
+                          "--artifacts-destination", str(tmp / "mlartifacts"), timeout_s=120) as url:
+            yield url
 
 
 def lora_sweep_cmd(tmp: Path, *args: str) -> list[str]:

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from services import serve_mlflow
 
 pytestmark = pytest.mark.slow
 
@@ -40,12 +37,6 @@ def _need_browser() -> None:
     pytest.skip(f"{missing} not installed (apt-get install chromium chromium-driver)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     """A real two-trial rank sweep at tiny sizes; its MLflow store is what the UI will show."""
@@ -61,33 +52,8 @@ def sweep(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(sweep):
-    port = _free_port()
-    mlflow = Path(sys.executable).with_name("mlflow")
-    log = open(sweep / "server.log", "w")
-    proc = subprocess.Popen([str(mlflow), "server", "--backend-store-uri", f"sqlite:///{sweep / 'sweeps' / 'mlflow.db'}",
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, f"mlflow server exited: {(sweep / 'server.log').read_text()}"
-            assert time.time() < deadline, f"mlflow server not up in 180 s: {(sweep / 'server.log').read_text()}"
-            time.sleep(1)
+    with serve_mlflow(f"sqlite:///{sweep / 'sweeps' / 'mlflow.db'}", sweep / "server.log") as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and its workers
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 @pytest.fixture
