@@ -31,6 +31,11 @@ _RAW: dict[DataConfig, Splits] = {}
 _TOKENIZED: dict[tuple, Splits] = {}
 
 
+def _non_empty(texts: list) -> list[bool]:
+    # Batched (1000 rows a call): datasets' per-row calls cost ~4 s on the 38k-tweet corpus, this ~0.1 s.
+    return [t is not None and str(t).strip() != "" for t in texts]
+
+
 def load_splits(config: DataConfig) -> Splits:
     """Raw text splits (columns text, labels), loaded once per process."""
     if config in _RAW:
@@ -56,23 +61,23 @@ def load_splits(config: DataConfig) -> Splits:
             raise ConfigError(f"data.{'text' if col == config.text_column else 'label'}_column={col!r} is not "
                               f"a column of {config.name_or_path}; its columns are: {', '.join(ds.column_names)}.")
     ds = ds.select_columns([config.text_column, config.label_column])
-    ds = ds.filter(lambda t: t is not None and str(t).strip() != "", input_columns=config.text_column)
+    ds = ds.filter(_non_empty, input_columns=config.text_column, batched=True)
 
     # Labels: a ClassLabel feature keeps its names; raw strings/ints are mapped in data.labels' order.
     feature = ds.features[config.label_column]
-    present = feature.names if isinstance(feature, datasets.ClassLabel) else sorted(set(ds[config.label_column]))
+    present = feature.names if isinstance(feature, datasets.ClassLabel) else sorted(ds.unique(config.label_column))
     if isinstance(feature, datasets.ClassLabel):
-        ds = ds.map(lambda x: {config.label_column: feature.names[x]}, input_columns=config.label_column,
-                    features=None)
+        ds = ds.map(lambda xs: {config.label_column: [feature.names[x] for x in xs]},
+                    input_columns=config.label_column, batched=True, features=None)
     labels = tuple(config.labels) if config.labels is not None else tuple(present)
     missing = [lab for lab in labels if lab not in present]
     if missing:
         raise ConfigError(f"data.labels={list(labels)!r}: {missing} do not occur in column "
                           f"{config.label_column!r}; it holds {present!r}.")
-    keep = set(labels)
-    ds = ds.filter(lambda y: y in keep, input_columns=config.label_column)
-    ds = ds.map(lambda y: {"labels": labels.index(y)}, input_columns=config.label_column,
-                remove_columns=[config.label_column])
+    index = {label: i for i, label in enumerate(labels)}
+    ds = ds.filter(lambda ys: [y in index for y in ys], input_columns=config.label_column, batched=True)
+    ds = ds.map(lambda ys: {"labels": [index[y] for y in ys]}, input_columns=config.label_column,
+                batched=True, remove_columns=[config.label_column])
     ds = ds.rename_column(config.text_column, "text") if config.text_column != "text" else ds
     ds = ds.cast_column("labels", datasets.ClassLabel(names=[str(lab) for lab in labels]))
 
@@ -95,7 +100,7 @@ def _plain_text(ds, config: DataConfig) -> Splits:
         raise ConfigError(f"data.text_column={config.text_column!r} is not a column of {config.name_or_path}; "
                           f"its columns are: {', '.join(ds.column_names)}.")
     ds = ds.select_columns([config.text_column])
-    ds = ds.filter(lambda t: t is not None and str(t).strip() != "", input_columns=config.text_column)
+    ds = ds.filter(_non_empty, input_columns=config.text_column, batched=True)
     ds = ds.rename_column(config.text_column, "text") if config.text_column != "text" else ds
     need = config.train_size + config.eval_size
     if need > len(ds):
@@ -120,10 +125,24 @@ def tokenized(config: DataConfig, tokenizer, tokenizer_key: str, task=None) -> S
         return _TOKENIZED[key]
     raw = load_splits(config)
     out = Splits(train=task.encode(raw.train, tokenizer, raw.labels),
-                 eval=task.encode(raw.eval, tokenizer, raw.labels), labels=raw.labels,
+                 eval=_by_length(task.encode(raw.eval, tokenizer, raw.labels)), labels=raw.labels,
                  generate=task.generation_set(raw.eval, tokenizer, raw.labels))
     _TOKENIZED[key] = out
     return out
+
+
+def _by_length(ds):
+    """The eval set, shortest first. The order of evaluation changes no per-example metric, but it
+    sets each eval batch's padding: sorted, the 500 eval tweets pad to 18.3k tokens instead of 30.9k
+    (batch 64), so evaluation costs ~1.7x less. (Language-model eval losses are means of per-batch
+    means, so a different batching moves them in the last digits.)"""
+    if "input_ids" not in ds.column_names or len(ds) < 2:
+        return ds
+    import numpy as np
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(ds.with_format("arrow")[:]["input_ids"]).to_numpy()
+    return ds.select(np.argsort(lengths, kind="stable"))
 
 
 def clear_cache() -> None:
