@@ -143,6 +143,7 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 42
     save_adapter: bool = True
+    fast_dropout: bool = True      # CPU: dropout masks from numpy's SFC64 (lora_sweep/dropout.py)
     eval_steps: int | None = None  # null: evaluate (and report to the pruner) every epoch; N: every N steps
 
     def validate(self) -> None:
@@ -160,6 +161,7 @@ class TrainConfig:
         _one_of("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _one_of("train.device", self.device, DEVICES)
         _bool("train.save_adapter", self.save_adapter)
+        _bool("train.fast_dropout", self.fast_dropout)
         if self.eval_steps is not None:
             _positive_int("train.eval_steps", self.eval_steps)
 

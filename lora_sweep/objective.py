@@ -22,6 +22,7 @@ import optuna
 from lora_sweep import adapters, data, interrupt, models, tasks
 from lora_sweep.config import Config, TrialSettings
 from lora_sweep.constraints import Excluded
+from lora_sweep.dropout import use_fast_dropout
 from lora_sweep.metrics import PeakMemory, failure_reason, release_memory, rss_mb
 from lora_sweep.progress import Progress
 from lora_sweep.search_space import Point, SearchSpace
@@ -62,6 +63,8 @@ def run_trial(settings: TrialSettings, device: str, on_epoch: Callable[[int, dic
             set_seed(settings.train.seed)  # same LoRA init and batch order wherever the trial runs
             peft_model, targets = adapters.apply_lora(model, settings.lora,
                                                       quantized=settings.model.load_in_4bit)
+            if settings.train.fast_dropout and device == "cpu":
+                use_fast_dropout(peft_model)  # the model's own dropouts and peft's lora_dropout
             trainable, total = adapters.parameter_counts(peft_model)
             t0 = time.perf_counter()
             outcome = train(peft_model, base.tokenizer, splits.train, splits.eval, settings.train, device,
@@ -118,7 +121,7 @@ def mlflow_params(settings: TrialSettings, targets: tuple) -> dict:
         "gradient_accumulation_steps": tr.gradient_accumulation_steps, "num_train_epochs": tr.num_train_epochs,
         "per_device_train_batch_size": tr.per_device_train_batch_size, "seed": tr.seed,
         "lr_scheduler_type": tr.lr_scheduler_type, "warmup_steps": tr.warmup_steps,
-        "train_sampling_strategy": tr.train_sampling_strategy,
+        "train_sampling_strategy": tr.train_sampling_strategy, "fast_dropout": tr.fast_dropout,
         "model_name_or_path": settings.model.name_or_path, "load_in_4bit": settings.model.load_in_4bit,
         "dataset": settings.data.name_or_path, "train_size": settings.data.train_size,
         "eval_size": settings.data.eval_size, "max_length": settings.data.max_length,

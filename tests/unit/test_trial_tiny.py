@@ -181,3 +181,27 @@ def test_memory_returns_to_baseline_between_trials(settings):
     # Three more trials, each holding a model copy, optimizer state and activations while it ran,
     # leave the process within a few MB of where it was.
     assert growth < 16, f"RSS grew by {growth:.1f} MB over three trials"
+
+
+def test_eval_split_is_ordered_by_length_with_the_same_examples():
+    import datasets
+
+    ids = [[1] * n for n in (5, 2, 9, 2, 7)]
+    ds = datasets.Dataset.from_dict({"input_ids": ids, "labels": [0, 1, 0, 1, 1]})
+    ordered = data._by_length(ds.select([4, 3, 2, 1, 0]))  # an indices mapping, as train_test_split makes
+    assert [len(x) for x in ordered["input_ids"]] == [2, 2, 5, 7, 9]
+    assert sorted(zip(map(len, ordered["input_ids"]), ordered["labels"])) == sorted(zip(map(len, ids), ds["labels"]))
+    assert [x for x in ordered["labels"]][:2] == [1, 1]  # stable: equal lengths keep their order
+
+
+def test_fast_dropout_trains_as_well_as_torch_dropout_with_its_own_masks(settings):
+    import dataclasses
+
+    slow = dataclasses.replace(settings, train=dataclasses.replace(settings.train, fast_dropout=False))
+    fast = run_trial(settings, "cpu", lambda *a: None).metrics
+    models.clear_cache()
+    data.clear_cache()
+    torch_dropout = run_trial(slow, "cpu", lambda *a: None).metrics
+    assert fast["train_loss"] != torch_dropout["train_loss"]  # different masks: the switch does something
+    assert fast["eval_accuracy"] >= 0.75 and torch_dropout["eval_accuracy"] >= 0.75
+    assert fast["trainable_params"] == torch_dropout["trainable_params"]
