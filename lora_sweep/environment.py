@@ -29,7 +29,12 @@ def device_description(device: str) -> str:
         props = torch.cuda.get_device_properties(0)
         return f"{props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
     cpu = _cpu_model() or platform.processor() or platform.machine()
-    return f"CPU: {cpu}, {torch.get_num_threads()} threads of {os.cpu_count()} cores"
+    # Same model name, different speed: virtual machines expose different instruction sets, and
+    # whether bf16 runs in hardware decides a CPU's bf16 speed (lora_sweep.train.cpu_has_native_bf16).
+    from lora_sweep.train import cpu_has_native_bf16
+
+    isa = torch.backends.cpu.get_cpu_capability() + (", bf16 in hardware" if cpu_has_native_bf16() else "")
+    return f"CPU: {cpu} ({isa}), {torch.get_num_threads()} threads of {os.cpu_count()} cores"
 
 
 def _cpu_model() -> str | None:
