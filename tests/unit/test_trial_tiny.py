@@ -205,3 +205,24 @@ def test_fast_dropout_trains_as_well_as_torch_dropout_with_its_own_masks(setting
     assert fast["train_loss"] != torch_dropout["train_loss"]  # different masks: the switch does something
     assert fast["eval_accuracy"] >= 0.75 and torch_dropout["eval_accuracy"] >= 0.75
     assert fast["trainable_params"] == torch_dropout["trainable_params"]
+
+
+def test_evaluation_reads_the_length_ordered_split_in_order(assets, tmp_path):
+    """transformers 5 would regroup eval batches at random under group_by_length; ours stay in order."""
+    import datasets
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, TrainingArguments
+
+    from lora_sweep.train import _Trainer
+
+    model_dir, _ = assets
+    rng = random.Random(1)
+    ids = [[101] + [1000 + rng.randrange(100)] * rng.randrange(1, 60) + [102] for _ in range(300)]
+    ds = data._by_length(datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids],
+                                                     "labels": [i % 2 for i in range(300)]}))
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=16, use_cpu=True, report_to="none",
+                             train_sampling_strategy="group_by_length")
+    trainer = _Trainer(model=AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2), args=args,
+                       eval_dataset=ds, data_collator=DataCollatorWithPadding(AutoTokenizer.from_pretrained(model_dir)))
+    widths = [batch["input_ids"].shape[1] for batch in trainer.get_eval_dataloader()]
+    assert len(widths) == 19 and widths == sorted(widths)
+    assert sum(w * 16 for w in widths) < 1.1 * sum(map(len, ids))  # little padding left
