@@ -80,7 +80,7 @@ def run_sweep(overrides: list[str], work: Path) -> tuple[float, list]:
     import optuna
 
     cmd = [sys.executable, "-m", "lora_sweep", *overrides, f"paths.sweeps_dir={work / 'sweeps'}",
-           f"paths.reports_dir={work / 'reports'}", "tracking.log_artifacts=false"]
+           f"paths.reports_dir={work / 'reports'}"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -88,7 +88,8 @@ def run_sweep(overrides: list[str], work: Path) -> tuple[float, list]:
         raise SystemExit(f"the sweep failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     db = next((work / "sweeps").glob("*/study.db"))
     study = optuna.load_study(study_name=db.parent.name, storage=f"sqlite:///{db}")
-    return wall, [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    return wall, [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE], \
+        study.user_attrs.get("timings", {})
 
 
 def run_baseline(spec: dict) -> tuple[float, dict]:
@@ -103,6 +104,12 @@ def run_baseline(spec: dict) -> tuple[float, dict]:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--render"]:  # re-render a stored bench.json (after a change to the text only)
+        path = Path(argv[1])
+        text = render(json.loads(path.read_text()))
+        path.with_name("bench.md").write_text(text)
+        print(text)
+        return 0
     import torch
 
     from lora_sweep.__main__ import quiet_third_party
@@ -123,7 +130,7 @@ def main(argv: list[str]) -> int:
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         peak = [matmul_peak_gflops(dtype=dtype)]
         print(f"bench: {precision} matmul peak {peak[0]:.1f} GFLOP/s; running (a) the sweep ...", flush=True)
-        wall_a, trials = run_sweep(overrides, work)
+        wall_a, trials, timings = run_sweep(overrides, work)
         print(f"bench: (a) sweep: {wall_a:.1f} s wall; running (b) {len(points)} baseline processes ...",
               flush=True)
         baseline = {}
@@ -154,18 +161,29 @@ def main(argv: list[str]) -> int:
                      "train_gflop_per_s": f / train_s / 1e9})
     busy = sum(r["sweep_train_plus_eval_s"] for r in rows)
     peak_gflops = max(peak)
+    # Where the sweep's non-training seconds went (lora_sweep.sweep records its phases).
+    between = timings.get("trials_s", busy) - busy
+    breakdown = {"startup (interpreter, imports, Hydra, validation)": timings.get("startup_s"),
+                 "preflight (data, base model, every corner of the space)": timings.get("preflight_s"),
+                 "Optuna study + MLflow set-up": timings.get("setup_s"),
+                 "between trials (model copy, LoRA, MLflow runs, adapters)": between,
+                 "report, plots, closing MLflow": timings.get("report_s")}
+    if all(v is not None for v in breakdown.values()):
+        breakdown["interpreter start, exit and the rest"] = wall_a - busy - sum(breakdown.values())
     result = {
-        "command": "python -m lora_sweep.bench " + " ".join(argv),
+        "command": " ".join(["python -m lora_sweep.bench", *argv]),
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "rows": rows,
         "sweep_wall_s": wall_a, "baseline_wall_s": wall_b, "wall_ratio": wall_a / wall_b,
         "overhead": 1 - busy / wall_a,
+        "eval_size": config.base.data.eval_size,
         "accuracy_gap_points": max(abs(r["sweep_accuracy"] - r["baseline_accuracy"]) for r in rows) * 100,
         "mean_accuracy_gap_points": 100 * sum(r["sweep_accuracy"] - r["baseline_accuracy"] for r in rows) / len(rows),
         "precision": precision, "matmul_peak_gflops": peak_gflops, "matmul_peak_each_gflops": peak,
         "train_gflops": flops_total / train_total / 1e9,
         "mfu": flops_total / train_total / 1e9 / peak_gflops,
         "load_average_end": os.getloadavg()[0],
+        "overhead_breakdown_s": breakdown,
         "targets": TARGETS,
     }
     text = render(result)
@@ -207,10 +225,14 @@ def render(r: dict) -> str:
         f"{r['accuracy_gap_points']:.1f} points per configuration (target {t['accuracy_points']}; "
         # accuracies are k/eval_size: 80.4% vs 81.4% is a gap of 1.0000000000000009 points in floats
         f"{verdict(r['accuracy_gap_points'] <= t['accuracy_points'] + 1e-9)}; mean sweep - baseline "
-        f"{r['mean_accuracy_gap_points']:+.1f} points).",
+        f"{r['mean_accuracy_gap_points']:+.1f} points"
+        + (f"; the largest gap is {round(r['accuracy_gap_points'] * r['eval_size'] / 100)} of the "
+           f"{r['eval_size']} eval examples" if r.get("eval_size") else "") + ").",
         f"- Sweep overhead: 1 - (sum of train + eval seconds) / wall = **{100 * r['overhead']:.1f}%** "
         f"(target <= {100 * t['overhead']:.0f}%; {verdict(r['overhead'] <= t['overhead'])}). The wall time "
-        "includes the process's imports, data loading, model load and MLflow set-up.",
+        "includes the process's imports, data loading, model load and MLflow set-up"
+        + (": " + "; ".join(f"{k} {v:.1f} s" for k, v in r.get("overhead_breakdown_s", {}).items() if v is not None)
+           if r.get("overhead_breakdown_s") else "") + ".",
         f"- Training FLOP/s of the sweep: {r['train_gflops']:.1f} GFLOP/s against a {r['precision']} matmul peak of "
         f"{r['matmul_peak_gflops']:.1f} GFLOP/s measured in this run (2048x2048 torch.mm, best of 8, before "
         f"and after: {', '.join(f'{x:.1f}' for x in r['matmul_peak_each_gflops'])}): **{100 * r['mfu']:.0f}%** "
