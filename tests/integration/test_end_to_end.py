@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -32,7 +33,9 @@ def mlflow_client(tmp_path: Path):
 
 
 def test_two_trial_rank_sweep_end_to_end(tmp_path):
+    started = time.perf_counter()
     proc = lora_sweep(tmp_path, "+sweep=rank", 'space.lora.r="choice(4,8)"')
+    elapsed = time.perf_counter() - started
     out = proc.stdout + proc.stderr
     assert "epoch 2/2" in out and "| Configuration" in proc.stdout
 
@@ -40,6 +43,14 @@ def test_two_trial_rank_sweep_end_to_end(tmp_path):
     study = optuna.load_study(study_name="rank", storage=f"sqlite:///{tmp_path / 'sweeps' / 'rank' / 'study.db'}")
     trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert sorted(t.params["lora.r"] for t in trials) == [4, 8]
+
+    # Where the process's time went (lora_sweep.bench prints it): each phase measured; the trials'
+    # own train + eval seconds fit inside the trials phase, and all phases inside the process's life.
+    timings = study.user_attrs["timings"]
+    assert set(timings) == {"startup_s", "preflight_s", "setup_s", "trials_s", "report_s"}
+    assert all(v > 0 for v in timings.values())
+    busy = sum(t.user_attrs["train_seconds"] + t.user_attrs["eval_seconds"] for t in trials)
+    assert busy < timings["trials_s"] and sum(timings.values()) < elapsed
 
     # MLflow: one parent run, one nested child per trial, with the issue's params, metrics and tags.
     client = mlflow_client(tmp_path)
