@@ -11,6 +11,7 @@ number or, with train.eval_steps, the optimizer step.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import tempfile
@@ -31,7 +32,6 @@ from lora_sweep.config import TrainConfig
 from lora_sweep.tasks import SequenceClassification, Task
 
 log = logging.getLogger(__name__)
-_WARNED: list[str] = []
 
 
 class NonFiniteLoss(RuntimeError):
@@ -146,6 +146,13 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
+@functools.cache  # once a process, not once a trial
+def _warn_emulated_bf16() -> None:
+    log.warning("train.mixed_precision=bf16 on a CPU without AVX512-BF16 or AMX: torch emulates bf16 "
+                "here, and a MiniLM-sized matmul runs 3.6x slower than in fp32. Use "
+                "train.mixed_precision=no on this machine.")
+
+
 def mixed_precision(settings: TrainConfig, device: str) -> dict:
     mode = settings.mixed_precision
     if mode == "auto":
@@ -156,11 +163,8 @@ def mixed_precision(settings: TrainConfig, device: str) -> dict:
         from lora_sweep.config import ConfigError
 
         raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU; on a CPU use bf16 or no.")
-    if mode == "bf16" and device == "cpu" and not cpu_has_native_bf16() and not _WARNED:
-        _WARNED.append("bf16")  # once a process, not once a trial
-        log.warning("train.mixed_precision=bf16 on a CPU without AVX512-BF16 or AMX: torch emulates bf16 "
-                    "here, and a MiniLM-sized matmul runs 3.6x slower than in fp32. Use "
-                    "train.mixed_precision=no on this machine.")
+    if mode == "bf16" and device == "cpu" and not cpu_has_native_bf16():
+        _warn_emulated_bf16()
     return {"bf16": mode == "bf16", "fp16": mode == "fp16"}
 
 

@@ -18,7 +18,7 @@ def test_auto_is_fp32_on_a_cpu_and_fp16_needs_cuda():
         train.mixed_precision(TrainConfig(mixed_precision="fp16"), "cpu")
 
 
-def test_bf16_on_a_cpu_warns_once_exactly_where_the_cpu_lacks_bf16_instructions(caplog, monkeypatch):
+def test_bf16_on_a_cpu_warns_once_exactly_where_the_cpu_lacks_bf16_instructions(caplog):
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.exists():
         pytest.skip("needs Linux's /proc/cpuinfo to know the CPU's flags independently of torch")
@@ -26,7 +26,7 @@ def test_bf16_on_a_cpu_warns_once_exactly_where_the_cpu_lacks_bf16_instructions(
     native = bool(flags & {"avx512_bf16", "amx_bf16"})
     assert train.cpu_has_native_bf16() == native
 
-    monkeypatch.setattr(train, "_WARNED", [])
+    train._warn_emulated_bf16.cache_clear()
     with caplog.at_level(logging.WARNING, logger="lora_sweep"):
         for _ in range(3):  # three trials
             assert train.mixed_precision(TrainConfig(mixed_precision="bf16"), "cpu") == {"bf16": True, "fp16": False}
