@@ -105,7 +105,10 @@ def run_baseline(spec: dict) -> tuple[float, dict]:
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--render"]:  # re-render a stored bench.json (after a change to the text only)
-        path = Path(argv[1])
+        path = Path(argv[1]) if len(argv) == 2 else None
+        if path is None or not path.is_file():
+            raise SystemExit(f"lora_sweep.bench --render: expected one stored bench.json, got {argv[1:]}; "
+                             "e.g. python -m lora_sweep.bench --render reports/bench/fp32/bench.json")
         text = render(json.loads(path.read_text()))
         path.with_name("bench.md").write_text(text)
         print(text)

@@ -1,0 +1,26 @@
+"""lora_sweep.bench --render: the committed benchmark text is what its stored result renders to."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lora_sweep import bench
+
+STORED = Path(__file__).resolve().parents[2] / "reports" / "bench" / "fp32"
+
+
+def test_render_rebuilds_the_committed_text_from_its_json(tmp_path):
+    shutil.copy(STORED / "bench.json", tmp_path / "bench.json")
+    assert bench.main(["--render", str(tmp_path / "bench.json")]) == 0
+    text = (tmp_path / "bench.md").read_text()
+    assert text == (STORED / "bench.md").read_text()
+    assert "**ratio 0.53**" in text and "3.9%" in text  # the figures the README quotes
+
+
+@pytest.mark.parametrize("args", [[], ["missing.json"], ["a.json", "b.json"]])
+def test_render_without_one_stored_result_says_what_to_give(args):
+    with pytest.raises(SystemExit, match="expected one stored bench.json"):
+        bench.main(["--render", *args])
