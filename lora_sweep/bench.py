@@ -115,6 +115,7 @@ def main(argv: list[str]) -> int:
         return 0
     import torch
 
+    from lora_sweep import environment
     from lora_sweep.__main__ import quiet_third_party
     from lora_sweep.flops import matmul_peak_gflops, per_sequence_flops, training_flops
 
@@ -186,6 +187,8 @@ def main(argv: list[str]) -> int:
         "train_gflops": flops_total / train_total / 1e9,
         "mfu": flops_total / train_total / 1e9 / peak_gflops,
         "load_average_end": os.getloadavg()[0],
+        # Recorded with the measurement, so --render on another machine does not describe that one.
+        "device": environment.device_description("cpu"), "versions": environment.versions(),
         "overhead_breakdown_s": breakdown,
         "targets": TARGETS,
     }
@@ -202,8 +205,6 @@ def main(argv: list[str]) -> int:
 def render(r: dict) -> str:
     import pandas as pd
 
-    from lora_sweep import environment
-
     def verdict(ok: bool) -> str:
         return "meets target" if ok else "misses target"
 
@@ -218,9 +219,9 @@ def render(r: dict) -> str:
     lines = [
         "# Benchmark: lora_sweep sweep vs hand-written Trainer-per-config script", "",
         f"- **Command**: `{r['command']}`",
-        f"- **Date**: {r['date']}; **device**: {environment.device_description('cpu')}; "
+        f"- **Date**: {r['date']}; **device**: {r.get('device', 'not recorded')}; "
         f"load average at the end {r['load_average_end']:.2f}",
-        f"- **Versions**: {', '.join(f'{k} {v}' for k, v in environment.versions().items())}", "",
+        f"- **Versions**: {', '.join(f'{k} {v}' for k, v in r.get('versions', {}).items()) or 'not recorded'}", "",
         table.to_markdown(index=False), "",
         f"- Wall time: sweep {r['sweep_wall_s']:.1f} s, baseline {r['baseline_wall_s']:.1f} s (sum of its "
         f"processes); **ratio {r['wall_ratio']:.2f}** (target <= {t['wall_ratio']}; "
