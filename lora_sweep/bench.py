@@ -1,7 +1,8 @@
 """Benchmark: a lora_sweep sweep against the hand-written Trainer-per-config script, side by side.
 
     python -m lora_sweep.bench                                   # the default rank sweep
-    python -m lora_sweep.bench +sweep=rank data.train_size=1000  # any grid sweep and overrides
+    python -m lora_sweep.bench data.train_size=1000              # the same at 1000 tweets
+    python -m lora_sweep.bench +sweep=bias                       # any grid sweep, any overrides
 
 In one run, on the same configurations, data and epochs, it runs
   (a) `python -m lora_sweep <overrides>`: one process, base model loaded once, data tokenized once,
@@ -40,6 +41,14 @@ def compose(overrides: list[str]):
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = hydra_compose("config", overrides=normalise_argv(overrides))
     return from_mapping(OmegaConf.to_container(cfg, resolve=True))
+
+
+def with_default_sweep(argv: list[str]) -> list[str]:
+    """The rank sweep unless the overrides name a sweep: `bench data.train_size=1000` means the
+    default sweep at 1000 tweets, not the single base configuration."""
+    if any(a.startswith(("+sweep=", "sweep=")) for a in argv):
+        return list(argv)
+    return ["+sweep=rank", *argv]
 
 
 def grid_points(config):
@@ -120,7 +129,7 @@ def main(argv: list[str]) -> int:
     from lora_sweep.flops import matmul_peak_gflops, per_sequence_flops, training_flops
 
     quiet_third_party()
-    overrides = argv or ["+sweep=rank"]
+    overrides = with_default_sweep(argv)
     config = compose(overrides)
     points = grid_points(config)
     print(f"bench: {len(points)} configurations ({', '.join(p.label for p in points)}), "

@@ -1,4 +1,4 @@
-"""lora_sweep.bench --render: the committed benchmark text is what its stored result renders to."""
+"""lora_sweep.bench: the committed benchmark text is what its stored result renders to; its arguments."""
 
 from __future__ import annotations
 
@@ -24,3 +24,14 @@ def test_render_rebuilds_the_committed_text_from_its_json(tmp_path):
 def test_render_without_one_stored_result_says_what_to_give(args):
     with pytest.raises(SystemExit, match="expected one stored bench.json"):
         bench.main(["--render", *args])
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], ["+sweep=rank"]),
+    (["data.train_size=1000"], ["+sweep=rank", "data.train_size=1000"]),
+    (["+sweep=bias", "train.num_train_epochs=1"], ["+sweep=bias", "train.num_train_epochs=1"]),
+    (["sweep=bias"], ["sweep=bias"]),
+])
+def test_overrides_without_a_sweep_bench_the_default_rank_sweep(argv, expected):
+    assert bench.with_default_sweep(argv) == expected
+    assert len(bench.grid_points(bench.compose(bench.with_default_sweep(argv)))) == (4 if expected[0] == "+sweep=rank" else 3)
