@@ -156,7 +156,7 @@ def _warn_emulated_bf16() -> None:
 def mixed_precision(settings: TrainConfig, device: str) -> dict:
     mode = settings.mixed_precision
     if mode == "auto":
-        # CPUs stay fp32: bf16 is 1.7x faster per epoch where the CPU has AVX512-BF16 (measured with
+        # CPUs stay fp32: bf16 is 1.4-1.7x faster per epoch where the CPU has AMX or AVX512-BF16 (measured with
         # lora_sweep.bench), 3.6x slower where it has not, and results should not depend on which.
         mode = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "no"
     if mode == "fp16" and device != "cuda":
