@@ -30,11 +30,17 @@ def device_description(device: str) -> str:
         return f"{props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
     cpu = _cpu_model() or platform.processor() or platform.machine()
     # Same model name, different speed: virtual machines expose different instruction sets, and
-    # whether bf16 runs in hardware decides a CPU's bf16 speed (lora_sweep.train.cpu_has_native_bf16).
-    from lora_sweep.train import cpu_has_native_bf16
-
+    # whether bf16 runs in hardware decides a CPU's bf16 speed.
     isa = torch.backends.cpu.get_cpu_capability() + (", bf16 in hardware" if cpu_has_native_bf16() else "")
     return f"CPU: {cpu} ({isa}), {torch.get_num_threads()} threads of {os.cpu_count()} cores"
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls in hardware. Without them torch emulates bf16 on the CPU."""
+    import torch
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own probes (private)
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def _cpu_model() -> str | None:

@@ -29,6 +29,7 @@ from transformers import (
 
 from lora_sweep import interrupt
 from lora_sweep.config import TrainConfig
+from lora_sweep.environment import cpu_has_native_bf16
 from lora_sweep.tasks import SequenceClassification, Task
 
 log = logging.getLogger(__name__)
@@ -138,12 +139,6 @@ class _ShapeRecorder:
             shapes = self.callback.result.batch_shapes
             shapes[key] = shapes.get(key, 0) + 1
         return batch
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls in hardware. Without them torch emulates bf16 on the CPU."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own probes (private)
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 @functools.cache  # once a process, not once a trial

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_sweep import train
+from lora_sweep import environment, train
 from lora_sweep.config import ConfigError, TrainConfig
 
 
@@ -24,7 +24,7 @@ def test_bf16_on_a_cpu_warns_once_exactly_where_the_cpu_lacks_bf16_instructions(
         pytest.skip("needs Linux's /proc/cpuinfo to know the CPU's flags independently of torch")
     flags = set(next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split())
     native = bool(flags & {"avx512_bf16", "amx_bf16"})
-    assert train.cpu_has_native_bf16() == native
+    assert environment.cpu_has_native_bf16() == native
 
     train._warn_emulated_bf16.cache_clear()
     with caplog.at_level(logging.WARNING, logger="lora_sweep"):
