@@ -111,3 +111,142 @@ def test_a_swapped_model_in_eval_mode_computes_exactly_what_the_original_does():
     use_fast_dropout(fast)
     ids = torch.randint(0, 50, (2, 7))
     assert torch.equal(model(input_ids=ids).last_hidden_state, fast(input_ids=ids).last_hidden_state)
+
+
+# -- attention-probability dropout (dropout.attention, registered as ATTENTION) ----------------------
+
+def _qkv(batch=2, heads=3, length=6, dim=4, dtype=torch.float32, requires_grad=False):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(batch, heads, length, dim, generator=g, dtype=dtype, requires_grad=requires_grad)
+            for _ in range(3)]
+
+
+def _module(training: bool, is_causal: bool = False) -> nn.Module:
+    m = nn.Module()
+    m.is_causal = is_causal
+    return m.train(training)
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "additive", "none"])
+def test_attention_in_training_is_softmax_then_the_fast_mask_then_v(mask_kind):
+    from lora_sweep.dropout import _keep_mask, attention
+
+    q, k, v = _qkv()
+    keep_keys = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])[:, None, None, :]  # batch 1: 2 padded keys
+    mask = {"bool": keep_keys, "none": None,
+            "additive": torch.where(keep_keys, 0.0, torch.finfo(torch.float32).min)}[mask_kind]
+    p = 0.3
+    torch.manual_seed(5)
+    out, weights = attention(_module(True), q, k, v, mask, dropout=p, scaling=0.5)
+
+    scores = q @ k.transpose(-2, -1) * 0.5
+    if mask_kind != "none":
+        scores = scores.masked_fill(~keep_keys, float("-inf"))
+    torch.manual_seed(5)  # the same seed draws the same mask
+    keep = torch.from_numpy(_keep_mask(scores.numel(), p)).view(scores.shape)
+    expected = (torch.softmax(scores, -1) * keep / (1 - p)) @ v
+    assert weights is None
+    assert out.shape == (2, 6, 3, 4)  # batch x length x heads x dim, as transformers' SDPA returns it
+    torch.testing.assert_close(out, expected.transpose(1, 2))
+    if mask_kind != "none":  # padded keys get no attention at all
+        probs_on_padding = (torch.softmax(scores, -1) * keep)[1, ..., 4:]
+        assert torch.count_nonzero(probs_on_padding) == 0
+
+
+def test_attention_gradient_matches_autograd_of_the_same_function():
+    from lora_sweep.dropout import attention
+
+    def seeded(q, k, v):
+        torch.manual_seed(3)
+        return attention(_module(True), q, k, v, None, dropout=0.2, scaling=0.7)[0]
+
+    assert torch.autograd.gradcheck(seeded, tuple(_qkv(1, 2, 4, 3, torch.float64, requires_grad=True)))
+
+
+@pytest.mark.parametrize("case", ["eval", "p=0", "causal without mask", "grouped heads", "softcap"])
+def test_attention_leaves_every_other_case_to_transformers_sdpa(case):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from lora_sweep.dropout import attention
+
+    q, k, v = _qkv()
+    module, kwargs, dropout = _module(case != "eval", is_causal=case == "causal without mask"), {}, 0.1
+    if case == "p=0":
+        dropout = 0.0
+    if case == "grouped heads":
+        module.num_key_value_groups = 3
+        k, v = k[:, :1], v[:, :1]
+    if case == "softcap":
+        kwargs["softcap"] = 30.0
+    calls = []
+
+    def spy(*args, **kw):
+        calls.append(1)
+        return sdpa_attention_forward(*args, **kw)
+
+    import transformers.integrations.sdpa_attention as sdpa_module
+    original = sdpa_module.sdpa_attention_forward
+    sdpa_module.sdpa_attention_forward = spy
+    try:
+        if case == "softcap":  # transformers' SDPA refuses softcap: the refusal must reach the user
+            with pytest.raises(ValueError, match="softcap"):
+                attention(module, q, k, v, None, dropout=dropout, **kwargs)
+        else:
+            torch.manual_seed(1)
+            out, _ = attention(module, q, k, v, None, dropout=dropout, **kwargs)
+            torch.manual_seed(1)
+            expected, _ = original(module, q, k, v, None, dropout=dropout, **kwargs)
+            assert torch.equal(out, expected)
+    finally:
+        sdpa_module.sdpa_attention_forward = original
+    assert calls == [1]
+
+
+def test_a_swapped_bert_draws_no_torch_masks_in_training_and_its_original_keeps_sdpa():
+    from torch.profiler import profile
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from lora_sweep.dropout import ATTENTION
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, num_labels=2))
+    assert model.config._attn_implementation == "sdpa"
+    fast = copy.deepcopy(model)  # what a trial gets: the cached base model must keep SDPA
+    use_fast_dropout(fast)
+    assert fast.config._attn_implementation == ATTENTION and model.config._attn_implementation == "sdpa"
+
+    ids = torch.randint(0, 100, (4, 9))
+    mask = torch.ones(4, 9, dtype=torch.long)
+    mask[1, 5:] = 0  # padding: transformers must still build the (SDPA) mask for our implementation
+    labels = torch.tensor([0, 1, 0, 1])
+
+    def bernoulli_calls(m) -> int:
+        m.train()
+        with profile() as prof:
+            m(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        return sum(e.count for e in prof.key_averages() if "bernoulli" in e.key)
+
+    assert bernoulli_calls(model) > 0  # the original draws its masks with torch (checks the probe)
+    assert bernoulli_calls(fast) == 0
+
+    # Padding is masked in the swapped model: changing a padded token changes nothing, in training too.
+    fast.train()
+    other = ids.clone()
+    other[1, 5:] = 7
+    torch.manual_seed(2)
+    a = fast.bert(input_ids=ids, attention_mask=mask).last_hidden_state[1, :5]
+    torch.manual_seed(2)
+    b = fast.bert(input_ids=other, attention_mask=mask).last_hidden_state[1, :5]
+    torch.testing.assert_close(a, b)
+
+
+def test_a_model_without_attention_dropout_keeps_sdpa():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    assert model.config.attention_dropout == 0.0 and model.config._attn_implementation == "sdpa"
+    use_fast_dropout(model)
+    assert model.config._attn_implementation == "sdpa"
