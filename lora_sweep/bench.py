@@ -80,6 +80,10 @@ def baseline_spec(point, config, output_dir: str) -> dict:
         "r": s.lora.r, "lora_alpha": s.lora.effective_alpha, "lora_dropout": s.lora.lora_dropout,
         "bias": s.lora.bias, "target_modules": list(resolve_targets(s.lora.target_modules, base.model).modules),
         "learning_rate": s.train.learning_rate, "weight_decay": s.train.weight_decay,
+        # the rest of what lora_sweep.train gives TrainingArguments: a bench with train.warmup_steps=0.1
+        # must train both sides with it
+        "warmup_steps": s.train.warmup_steps, "lr_scheduler_type": s.train.lr_scheduler_type,
+        "max_grad_norm": s.train.max_grad_norm, "gradient_accumulation_steps": s.train.gradient_accumulation_steps,
         "epochs": s.train.num_train_epochs, "batch_size": s.train.per_device_train_batch_size,
         "eval_batch_size": s.train.per_device_eval_batch_size, "output_dir": output_dir,
     }

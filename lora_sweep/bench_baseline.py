@@ -62,6 +62,8 @@ def main(spec: dict) -> dict:
 
     args = TrainingArguments(
         output_dir=spec["output_dir"], learning_rate=spec["learning_rate"], weight_decay=spec["weight_decay"],
+        warmup_steps=spec["warmup_steps"], lr_scheduler_type=spec["lr_scheduler_type"],
+        max_grad_norm=spec["max_grad_norm"], gradient_accumulation_steps=spec["gradient_accumulation_steps"],
         num_train_epochs=spec["epochs"], per_device_train_batch_size=spec["batch_size"],
         per_device_eval_batch_size=spec["eval_batch_size"], seed=spec["seed"], eval_strategy="epoch",
         save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, dataloader_pin_memory=False)

@@ -35,3 +35,12 @@ def test_render_without_one_stored_result_says_what_to_give(args):
 def test_overrides_without_a_sweep_bench_the_default_rank_sweep(argv, expected):
     assert bench.with_default_sweep(argv) == expected
     assert len(bench.grid_points(bench.compose(bench.with_default_sweep(argv)))) == (4 if expected[0] == "+sweep=rank" else 3)
+
+
+def test_the_baseline_trains_with_the_sweeps_schedule_not_transformers_defaults(tmp_path):
+    overrides = ["train.warmup_steps=0.1", "train.lr_scheduler_type=cosine", "train.max_grad_norm=0.5",
+                 "train.gradient_accumulation_steps=2", "train.learning_rate=3e-4"]
+    point = bench.grid_points(bench.compose(bench.with_default_sweep(overrides)))[0]
+    spec = bench.baseline_spec(point, None, str(tmp_path))
+    assert (spec["warmup_steps"], spec["lr_scheduler_type"], spec["max_grad_norm"],
+            spec["gradient_accumulation_steps"], spec["learning_rate"]) == (0.1, "cosine", 0.5, 2, 3e-4)
