@@ -18,17 +18,28 @@ def test_auto_is_fp32_on_a_cpu_and_fp16_needs_cuda():
         train.mixed_precision(TrainConfig(mixed_precision="fp16"), "cpu")
 
 
-def test_bf16_on_a_cpu_warns_once_exactly_where_the_cpu_lacks_bf16_instructions(caplog):
+def test_the_device_description_says_bf16_in_hardware_exactly_where_the_cpu_flags_say_so():
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.exists():
         pytest.skip("needs Linux's /proc/cpuinfo to know the CPU's flags independently of torch")
     flags = set(next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split())
     native = bool(flags & {"avx512_bf16", "amx_bf16"})
     assert environment.cpu_has_native_bf16() == native
+    assert ("bf16 in hardware" in environment.device_description("cpu")) == native
 
-    train._warn_emulated_bf16.cache_clear()
+
+def test_bf16_on_a_cpu_warns_once_exactly_where_it_measured_slower_than_fp32(caplog):
+    speedup = environment.cpu_bf16_speedup()  # cached: the measurement mixed_precision() uses
+    assert speedup > 0
+    if not environment.cpu_has_native_bf16():  # emulated bf16 is never the faster one
+        assert speedup < 1
+
+    train._warn_slow_bf16.cache_clear()
     with caplog.at_level(logging.WARNING, logger="lora_sweep"):
         for _ in range(3):  # three trials
             assert train.mixed_precision(TrainConfig(mixed_precision="bf16"), "cpu") == {"bf16": True, "fp16": False}
-    warnings = [r for r in caplog.records if "emulates bf16" in r.getMessage()]
-    assert len(warnings) == (0 if native else 1)
+    warnings = [r.getMessage() for r in caplog.records if "bf16 matmul measured" in r.getMessage()]
+    assert len(warnings) == (1 if speedup < 1 else 0)
+    if warnings:
+        assert f"{1 / round(speedup, 2):.1f}x slower than fp32" in warnings[0]
+        assert "train.mixed_precision=no" in warnings[0]
