@@ -49,8 +49,9 @@ def cpu_has_native_bf16() -> bool:
 def cpu_bf16_speedup() -> float:
     """bf16 over fp32 throughput of a MiniLM-sized matmul (1280 tokens x 384 -> 1536) on this CPU's
     torch threads, best of 5 each. Measured, not read off CPU flags, because the flags do not predict
-    it: bf16 was 1.4x faster with AMX and 1.7x faster on an AMD CPU with AVX512-BF16, but 2x slower
-    on a Xeon VM exposing AVX512-BF16 without AMX, and 3.6x slower where torch emulates bf16 (AVX2)."""
+    it: per epoch, bf16 trained 1.4x faster with AMX and 1.7x faster on an AMD CPU with AVX512-BF16,
+    but 1.4x slower on a Xeon VM exposing AVX512-BF16 without AMX (this matmul: 0.73x); where torch
+    emulates bf16 (AVX2), a matmul like this one ran 3.6x slower."""
     import torch
 
     def best(a, b) -> float:
