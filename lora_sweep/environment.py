@@ -7,7 +7,6 @@ import importlib.metadata
 import os
 import platform
 import subprocess
-import time
 from pathlib import Path
 
 PACKAGES = ("torch", "transformers", "peft", "optuna", "mlflow", "hydra-core", "datasets", "accelerate",
@@ -50,22 +49,14 @@ def cpu_bf16_speedup() -> float:
     """bf16 over fp32 throughput of a MiniLM-sized matmul (1280 tokens x 384 -> 1536) on this CPU's
     torch threads, best of 5 each. Measured, not read off CPU flags, because the flags do not predict
     it: per epoch, bf16 trained 1.4x faster with AMX and 1.7x faster on an AMD CPU with AVX512-BF16,
-    but 1.4x slower on a Xeon VM exposing AVX512-BF16 without AMX (this matmul: 0.73x); where torch
+    but 1.4x slower on a Xeon VM exposing AVX512-BF16 without AMX (this matmul: 0.5-0.7x); where torch
     emulates bf16 (AVX2), a matmul like this one ran 3.6x slower."""
     import torch
 
-    def best(a, b) -> float:
-        torch.mm(a, b)  # warm-up: thread pool, packing buffers
-        fastest = float("inf")
-        for _ in range(5):
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            fastest = min(fastest, time.perf_counter() - t0)
-        return fastest
+    from lora_sweep.flops import matmul_gflops
 
-    gen = torch.Generator().manual_seed(0)
-    a, b = torch.randn(1280, 384, generator=gen), torch.randn(384, 1536, generator=gen)
-    return best(a, b) / best(a.bfloat16(), b.bfloat16())
+    shape = (1280, 384, 1536)
+    return matmul_gflops(*shape, torch.bfloat16, repeats=5) / matmul_gflops(*shape, torch.float32, repeats=5)
 
 
 def _cpu_model() -> str | None:

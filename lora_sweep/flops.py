@@ -15,17 +15,24 @@ import torch
 from lora_sweep.config import TrialSettings, resolve_path
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 8, dtype: torch.dtype = torch.float32) -> float:
-    """Best-of-`repeats` dense matmul throughput of this process's torch threads, in GFLOP/s."""
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
-    torch.mm(a, b)  # warm-up: thread pool, caches
+def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype = torch.float32, repeats: int = 8) -> float:
+    """Best-of-`repeats` throughput of an (m x k) @ (k x n) torch.mm on this process's torch threads,
+    in GFLOP/s (after one warm-up call: thread pool, caches, packing buffers)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=gen).to(dtype)
+    b = torch.randn(k, n, generator=gen).to(dtype)
+    torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+    return 2 * m * k * n / best / 1e9
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 8, dtype: torch.dtype = torch.float32) -> float:
+    """This machine's dense matmul peak: an n x n x n torch.mm (see matmul_gflops)."""
+    return matmul_gflops(n, n, n, dtype, repeats)
 
 
 def _model(settings: TrialSettings, num_labels: int, device: str):
