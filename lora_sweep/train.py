@@ -26,6 +26,7 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from lora_sweep import interrupt
 from lora_sweep.config import TrainConfig
@@ -114,7 +115,36 @@ class _TrialCallback(TrainerCallback):
             self.training = self.by_steps  # mid-epoch evaluation: training batches follow
 
 
+class ShuffledBatches(torch.utils.data.Sampler):
+    """transformers' length-grouped batches, served in random order.
+
+    LengthGroupedSampler sorts each mega-batch (a quarter of 2000 tweets) longest first and serves
+    its batches in that order: every epoch walks four times from long tweets down to short ones.
+    The same batches in shuffled order keep its padding savings and lose that ordering. The batch
+    holding the longest example stays first (an out-of-memory error comes at once, as there);
+    a partial batch stays last, so the DataLoader's batches fall on the groups' boundaries."""
+
+    def __init__(self, grouped: LengthGroupedSampler):
+        self.grouped = grouped
+
+    def __len__(self) -> int:
+        return len(self.grouped)
+
+    def __iter__(self):
+        order, size = list(self.grouped), self.grouped.batch_size
+        batches = [order[i:i + size] for i in range(0, len(order), size)]
+        tail = [batches.pop()] if batches and len(batches[-1]) < size else []
+        head, rest = batches[:1], batches[1:]
+        # the grouped sampler's own generator (None: torch's global one, seeded by set_seed)
+        perm = torch.randperm(len(rest), generator=self.grouped.generator).tolist()
+        return iter([i for batch in head + [rest[j] for j in perm] + tail for i in batch])
+
+
 class _Trainer(Trainer):
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        return ShuffledBatches(sampler) if isinstance(sampler, LengthGroupedSampler) else sampler
+
     def _get_eval_sampler(self, eval_dataset):
         # transformers 5 applies train_sampling_strategy=group_by_length to evaluation as well, in
         # mega-batches of four eval batches: 500 tweets become random groups of 64, each padded to
