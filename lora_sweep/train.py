@@ -122,7 +122,9 @@ class ShuffledBatches(torch.utils.data.Sampler):
     its batches in that order: every epoch walks four times from long tweets down to short ones.
     The same batches in shuffled order keep its padding savings and lose that ordering. The batch
     holding the longest example stays first (an out-of-memory error comes at once, as there);
-    a partial batch stays last, so the DataLoader's batches fall on the groups' boundaries."""
+    a partial batch stays last, so the DataLoader's batches fall on the groups' boundaries.
+    Measured on r=8 and r=16, seeds 42-44 (README, "Accuracy over seeds"): 85.5/86.8% in
+    transformers' order, 86.5/86.9% shuffled, 86.4/87.3% with random batches."""
 
     def __init__(self, grouped: LengthGroupedSampler):
         self.grouped = grouped
