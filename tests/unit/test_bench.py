@@ -9,15 +9,21 @@ import pytest
 
 from lora_sweep import bench
 
-STORED = Path(__file__).resolve().parents[2] / "reports" / "bench" / "fp32"
+REPORTS = Path(__file__).resolve().parents[2] / "reports" / "bench"
 
 
-def test_render_rebuilds_the_committed_text_from_its_json(tmp_path):
-    shutil.copy(STORED / "bench.json", tmp_path / "bench.json")
+# Each committed run with the figures the README quotes from it.
+@pytest.mark.parametrize("run, quoted", [
+    ("fp32", ["**ratio 0.52**", "**4.8%**", "**38%**"]),
+    ("fp32-3seeds", ["**ratio 0.49**", "**2.0%**", "**55%**", "within 1.1 points"]),
+])
+def test_render_rebuilds_the_committed_text_from_its_json(tmp_path, run, quoted):
+    shutil.copy(REPORTS / run / "bench.json", tmp_path / "bench.json")
     assert bench.main(["--render", str(tmp_path / "bench.json")]) == 0
     text = (tmp_path / "bench.md").read_text()
-    assert text == (STORED / "bench.md").read_text()
-    assert "**ratio 0.52**" in text and "4.8%" in text  # the figures the README quotes
+    assert text == (REPORTS / run / "bench.md").read_text()
+    for figure in quoted:
+        assert figure in text
 
 
 @pytest.mark.parametrize("args", [[], ["missing.json"], ["a.json", "b.json"]])
@@ -70,7 +76,7 @@ def test_seed_groups_average_each_configuration_over_its_seeds():
 def stored_result(**changes):
     import json
 
-    result = json.loads((STORED / "bench.json").read_text())
+    result = json.loads((REPORTS / "fp32" / "bench.json").read_text())
     result.update(changes)
     return result
 
