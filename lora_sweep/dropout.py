@@ -11,9 +11,13 @@ about 1 ns), compares against round(p * 2**32) (a keep probability exact to 2**-
 torch's 24-bit float uniforms), and scales the kept values by 1/(1-p), as nn.Dropout does. Each
 mask's seed is drawn from torch's default generator, so `transformers.set_seed` makes the masks,
 and the trial, reproducible, and activation checkpointing (which restores torch's RNG state) redraws
-the same mask. The backward pass keeps a 1-byte mask, as torch's dropout does, so peak memory is
-unchanged. The masks differ from torch's bit for bit, not in distribution: `lora_sweep.bench`
-shows accuracy equal to the plain Trainer script within noise.
+the same mask. The backward pass keeps the 1-byte mask. torch's dropout on a CPU keeps its float
+noise tensor instead (4 bytes an element; only its fused CUDA kernel keeps a bool mask), so peak
+memory is lower with these masks: one r=16 MiniLM epoch, 1807 MB against 2082 MB with
+train.fast_dropout=false. The masks differ from torch's bit for bit, not in distribution. Mean
+accuracy over seeds 42-44, r=8/r=16: 86.5/86.9% against 86.1/87.0% with torch's masks on
+length-grouped batches; 86.4/87.3% against 87.0/88.1% on random batches (README, "Accuracy over
+seeds").
 
 Attention-probability dropout does not go through an nn.Dropout module: transformers passes its p to
 the attention function, and on a CPU torch's SDPA then takes its math path and draws the mask with
