@@ -14,10 +14,10 @@ and the trial, reproducible, and activation checkpointing (which restores torch'
 the same mask. The backward pass keeps the 1-byte mask. torch's dropout on a CPU keeps its float
 noise tensor instead (4 bytes an element; only its fused CUDA kernel keeps a bool mask), so peak
 memory is lower with these masks: one r=16 MiniLM epoch, 1807 MB against 2082 MB with
-train.fast_dropout=false. The masks differ from torch's bit for bit, not in distribution. Mean
-accuracy over seeds 42-44, r=8/r=16: 86.5/86.9% against 86.1/87.0% with torch's masks on
-length-grouped batches; 86.4/87.3% against 87.0/88.1% on random batches (README, "Accuracy over
-seeds").
+train.fast_dropout=false. The masks differ from torch's bit for bit, not in distribution (keep
+rate and independence checked). Mean accuracy, MiniLM rank sweep: r=8 over seeds 42-44, 86.5%
+against 86.1% with torch's masks; r=16 over seeds 42-50, 86.4% against 87.0% (7 of 9 seeds lower).
+Whether that gap is chance is open (README, "Accuracy over seeds").
 
 Attention-probability dropout does not go through an nn.Dropout module: transformers passes its p to
 the attention function, and on a CPU torch's SDPA then takes its math path and draws the mask with
