@@ -153,6 +153,33 @@ def test_attention_in_training_is_softmax_then_the_fast_mask_then_v(mask_kind):
         assert torch.count_nonzero(probs_on_padding) == 0
 
 
+def test_attention_equals_torchs_sdpa_math_path_given_the_same_dropout_mask():
+    """The function replaces SDPA's math path in training: torch's own reference implementation,
+    fed our mask through its testing-only `dropout_mask`, must give the same output and gradients.
+    (The op takes masks already in additive form: SDPA converts bool masks before calling it.)"""
+    import warnings
+
+    from lora_sweep.dropout import _keep_mask, attention
+
+    q, k, v = _qkv(requires_grad=True)
+    keep_keys = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])[:, None, None, :]
+    p = 0.1
+    torch.manual_seed(11)
+    ours, _ = attention(_module(True), q, k, v, keep_keys, dropout=p, scaling=None)
+    torch.manual_seed(11)
+    keep = torch.from_numpy(_keep_mask(2 * 3 * 6 * 6, p)).view(2, 3, 6, 6)
+    additive = torch.zeros(keep_keys.shape).masked_fill(~keep_keys, float("-inf"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Dropout mask should only be used for testing purposes": we are
+        theirs, _ = torch.ops.aten._scaled_dot_product_attention_math(q, k, v, additive, p, False,
+                                                                     dropout_mask=keep)
+    theirs = theirs.transpose(1, 2)
+    torch.testing.assert_close(ours, theirs)
+    grad = torch.randn_like(ours)
+    for a, b in zip(torch.autograd.grad(ours, (q, k, v), grad), torch.autograd.grad(theirs, (q, k, v), grad)):
+        torch.testing.assert_close(a, b)
+
+
 def test_attention_gradient_matches_autograd_of_the_same_function():
     from lora_sweep.dropout import attention
 
