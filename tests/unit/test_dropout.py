@@ -101,6 +101,54 @@ def test_swaps_every_dropout_of_a_peft_model_and_keeps_its_p():
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
+def test_given_torchs_own_mask_bits_a_swapped_model_trains_exactly_like_the_original(monkeypatch):
+    """Everything the swap changes except the random bits: the module masks, peft's lora_dropout, the
+    attention function and the autograd of all three. Fed nn.Dropout's own draw (bernoulli_(1 - p)
+    on a tensor of the same size, in the same order), five optimizer steps of a LoRA BERT with padding
+    must give the original's losses and weights; so the swapped model differs from torch's only in
+    which elements each mask drops."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    import lora_sweep.dropout as dropout
+
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        num_labels=2, attn_implementation="sdpa"))
+    ids = torch.randint(0, 100, (8, 12))
+    attention_mask = torch.ones(8, 12, dtype=torch.long)
+    attention_mask[4:, 9:] = 0
+    labels = torch.randint(0, 2, (8,))
+
+    def train(fast: bool):
+        torch.manual_seed(1)
+        model = get_peft_model(copy.deepcopy(base), LoraConfig(
+            task_type="SEQ_CLS", r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["query", "key", "value", "dense"]))
+        if fast:
+            assert use_fast_dropout(model) > 0
+            assert model.base_model.model.config._attn_implementation == dropout.ATTENTION
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-2)
+        torch.manual_seed(7)
+        losses = []
+        for _ in range(5):
+            loss = model(input_ids=ids, attention_mask=attention_mask, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        return losses, [p.detach() for p in params]
+
+    original = train(fast=False)
+    monkeypatch.setattr(dropout, "_keep_mask", lambda numel, p: torch.empty(numel).bernoulli_(1 - p).bool().numpy())
+    swapped = train(fast=True)
+    assert swapped[0] == pytest.approx(original[0], rel=1e-6)
+    for a, b in zip(swapped[1], original[1]):
+        torch.testing.assert_close(a, b)  # float32 rounding of the mask's 1/(1-p) scale only
+
+
 def test_a_swapped_model_in_eval_mode_computes_exactly_what_the_original_does():
     from transformers import BertConfig, BertModel
 
