@@ -101,6 +101,41 @@ def test_run_trial_measures_and_reports_every_epoch(settings, assets, tmp_path):
     assert len(saved["target_modules"]) == 8
 
 
+def test_one_base_serves_every_seed_with_the_head_a_fresh_load_draws(assets, tmp_path):
+    """An encoder-only checkpoint (as MiniLM ships): from_pretrained draws the classifier head from the
+    seed. One cached model serves every seed, and each seed's copy gets exactly the head a fresh
+    load under that seed gets."""
+    import gc
+
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel,
+                              BertForSequenceClassification, set_seed)
+
+    from lora_sweep.config import ModelConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(assets[0])
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    config, labels = ModelConfig(name_or_path=str(tmp_path)), ("neg", "pos")
+
+    first, second = models.load_base(config, labels, 1), models.load_base(config, labels, 2)
+    assert second.model is first.model and models.load_base(config, labels, 2) is second
+    assert set(second.initialised) == {"classifier.weight", "classifier.bias"}
+    copies = {seed: models.fresh_copy(base).state_dict() for seed, base in ((1, first), (2, second))}
+    gc.collect()
+    assert len([o for o in gc.get_objects() if isinstance(o, BertForSequenceClassification)]) == 1
+
+    for seed in (1, 2):
+        set_seed(seed)
+        fresh = AutoModelForSequenceClassification.from_pretrained(tmp_path, **{
+            "num_labels": 2, "id2label": dict(enumerate(labels)), "label2id": {v: k for k, v in enumerate(labels)}})
+        expected = fresh.state_dict()
+        assert copies[seed].keys() == expected.keys()
+        assert all(torch.equal(copies[seed][k], expected[k]) for k in expected), f"seed {seed}"
+    assert not torch.equal(copies[1]["classifier.weight"], copies[2]["classifier.weight"])
+
+
 def test_trials_are_isolated_from_each_other(settings):
     a = settings
     b = settings.with_overrides({"lora.bias": "all", "lora.r": 8})
