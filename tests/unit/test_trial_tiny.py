@@ -180,8 +180,8 @@ def test_a_trial_after_others_matches_the_same_trial_in_a_fresh_process(settings
     import subprocess
     import sys
 
-    # The first loads the base under another seed (so another classifier head): the reused trial
-    # must still start from the head its own seed draws in a fresh process.
+    # The first loads the base under another seed: the reused trial must carry nothing of it. (This
+    # fixture's checkpoint holds its head; test_one_base_serves_every_seed... covers a drawn head.)
     others = [settings.with_overrides({"lora.bias": "all", "lora.r": 8, "train.seed": settings.train.seed + 1}),
               settings.with_overrides({"lora.target_modules": "all-linear", "lora.lora_dropout": 0.3})]
     for other in others:
