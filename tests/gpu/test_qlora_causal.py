@@ -11,10 +11,11 @@ import lm_assets
 import pytest
 import torch
 
-from lora_sweep import data, models
-from lora_sweep.adapters import apply_lora, parameter_counts
+from lora_sweep.trial import data
+from lora_sweep.trial import models
+from lora_sweep.trial.adapters import apply_lora, parameter_counts
 from lora_sweep.config import LoraSettings, ModelConfig, from_mapping
-from lora_sweep.objective import run_trial
+from lora_sweep.run.objective import run_trial
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA needs a CUDA GPU"),

@@ -13,7 +13,7 @@ import peft  # noqa: F401
 import torch  # noqa: F401
 import transformers  # noqa: F401
 
-from lora_sweep.__main__ import main
+from lora_sweep.cli import main
 
 
 def virtual_size() -> int:

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from lora_sweep import data, models
-from lora_sweep.adapters import resolve_targets
+from lora_sweep.trial import data
+from lora_sweep.trial import models
+from lora_sweep.trial.adapters import resolve_targets
 from lora_sweep.config import from_mapping
-from lora_sweep.objective import run_trial
+from lora_sweep.run.objective import run_trial
 
 pytestmark = [
     pytest.mark.slow,

@@ -10,7 +10,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from lora_sweep import data, models
+from lora_sweep.trial import data
+from lora_sweep.trial import models
 from lora_sweep.config import from_mapping
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"

@@ -13,7 +13,7 @@ from transformers import (
     LlamaForSequenceClassification,
 )
 
-from lora_sweep.adapters import apply_lora, parameter_counts, resolve_targets
+from lora_sweep.trial.adapters import apply_lora, parameter_counts, resolve_targets
 from lora_sweep.config import ConfigError, LoraSettings
 
 # peft calls a transformers method that transformers 5 deprecates; not ours to fix.

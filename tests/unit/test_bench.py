@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_sweep import bench
+from lora_sweep.bench import rank as bench
 
 REPORTS = Path(__file__).resolve().parents[2] / "reports" / "bench"
 

@@ -9,8 +9,8 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from lora_sweep.config import ConfigError, from_dictconfig, from_mapping
-from lora_sweep.search_space import SearchSpace
-from lora_sweep.study import sampler_name
+from lora_sweep.search.space import SearchSpace
+from lora_sweep.search.samplers import sampler_name
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 SWEEP_FILES = sorted(CONF_DIR.glob("sweep/*.yaml"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora_sweep.dropout import FastDropout, use_fast_dropout
+from lora_sweep.trial.dropout import FastDropout, use_fast_dropout
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -110,7 +110,7 @@ def test_given_torchs_own_mask_bits_a_swapped_model_trains_exactly_like_the_orig
     from peft import LoraConfig, get_peft_model
     from transformers import BertConfig, BertForSequenceClassification
 
-    import lora_sweep.dropout as dropout
+    import lora_sweep.trial.dropout as dropout
 
     torch.manual_seed(0)
     base = BertForSequenceClassification(BertConfig(
@@ -177,7 +177,7 @@ def _module(training: bool, is_causal: bool = False) -> nn.Module:
 
 @pytest.mark.parametrize("mask_kind", ["bool", "additive", "none"])
 def test_attention_in_training_is_softmax_then_the_fast_mask_then_v(mask_kind):
-    from lora_sweep.dropout import _keep_mask, attention
+    from lora_sweep.trial.dropout import _keep_mask, attention
 
     q, k, v = _qkv()
     keep_keys = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])[:, None, None, :]  # batch 1: 2 padded keys
@@ -207,7 +207,7 @@ def test_attention_equals_torchs_sdpa_math_path_given_the_same_dropout_mask():
     (The op takes masks already in additive form: SDPA converts bool masks before calling it.)"""
     import warnings
 
-    from lora_sweep.dropout import _keep_mask, attention
+    from lora_sweep.trial.dropout import _keep_mask, attention
 
     q, k, v = _qkv(requires_grad=True)
     keep_keys = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])[:, None, None, :]
@@ -229,7 +229,7 @@ def test_attention_equals_torchs_sdpa_math_path_given_the_same_dropout_mask():
 
 
 def test_attention_gradient_matches_autograd_of_the_same_function():
-    from lora_sweep.dropout import attention
+    from lora_sweep.trial.dropout import attention
 
     def seeded(q, k, v):
         torch.manual_seed(3)
@@ -242,7 +242,7 @@ def test_attention_gradient_matches_autograd_of_the_same_function():
 def test_attention_leaves_every_other_case_to_transformers_sdpa(case):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from lora_sweep.dropout import attention
+    from lora_sweep.trial.dropout import attention
 
     q, k, v = _qkv()
     module, kwargs, dropout = _module(case != "eval", is_causal=case == "causal without mask"), {}, 0.1
@@ -281,7 +281,7 @@ def test_a_swapped_bert_draws_no_torch_masks_in_training_and_its_original_keeps_
     from torch.profiler import profile
     from transformers import BertConfig, BertForSequenceClassification
 
-    from lora_sweep.dropout import ATTENTION
+    from lora_sweep.trial.dropout import ATTENTION
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from lora_sweep import interrupt
+from lora_sweep.trial import interrupt
 
 
 def test_sigterm_raises_interrupted_and_a_swallowed_one_is_raised_again():

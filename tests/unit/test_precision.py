@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_sweep import environment, train
+from lora_sweep.trial import environment
+from lora_sweep.trial import train
 from lora_sweep.config import ConfigError, TrainConfig
 
 

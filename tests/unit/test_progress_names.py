@@ -5,10 +5,10 @@ from __future__ import annotations
 import io
 import logging
 
-from lora_sweep.__main__ import normalise_argv
-from lora_sweep.objective import run_name
-from lora_sweep.progress import LiveProgress, Progress, progress_for
-from lora_sweep.search_space import SearchSpace
+from lora_sweep.cli import normalise_argv
+from lora_sweep.run.objective import run_name
+from lora_sweep.run.progress import LiveProgress, Progress, progress_for
+from lora_sweep.search.space import SearchSpace
 
 
 class _Tty(io.StringIO):
@@ -59,7 +59,7 @@ def test_report_over_several_sweeps_from_the_command_line():
 
 
 def test_several_sweeps_only_in_report_mode(compose_cfg, tmp_path, capsys):
-    from lora_sweep.__main__ import run
+    from lora_sweep.cli import run
 
     cfg = compose_cfg(["+sweep=rank", "report.sweeps=[rank,bias]", f"paths.sweeps_dir={tmp_path / 'sweeps'}"])
     assert run(cfg) == 2

@@ -17,8 +17,9 @@ from markdown_it import MarkdownIt
 from optuna.distributions import CategoricalDistribution
 from PIL import Image
 
-from lora_sweep import findings, report
-from lora_sweep.combined import write_combined
+from lora_sweep import report
+from lora_sweep.report import findings
+from lora_sweep.report.combined import write_combined
 from lora_sweep.config import ConfigError
 from lora_sweep.tracking import fit_description
 
@@ -203,7 +204,7 @@ def test_parent_description_fits_mlflow_and_keeps_whole_sections():
 
 
 def test_variant_labels_with_commas_stay_whole():
-    from lora_sweep.findings import variant_label
+    from lora_sweep.report.findings import variant_label
 
     assert variant_label("Text Generation (r=8, q/k/v/o)") == "Text Generation (r=8, q/k/v/o)"
     assert variant_label("Query-Only, r=8") == "Query-Only"

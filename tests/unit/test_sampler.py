@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from lora_sweep.train import ShuffledBatches
+from lora_sweep.trial.train import ShuffledBatches
 
 
 def batches(order, size=32):
@@ -41,7 +41,7 @@ def test_trainer_serves_length_grouped_batches_shuffled(tmp_path):
     from datasets import Dataset
     from transformers import TrainingArguments
 
-    from lora_sweep.train import _Trainer
+    from lora_sweep.trial.train import _Trainer
 
     data = Dataset.from_dict({"input_ids": [[1] * n for n in range(1, 101)], "labels": [0] * 100})
     for strategy, kind in (("group_by_length", ShuffledBatches), ("random", torch.utils.data.RandomSampler)):

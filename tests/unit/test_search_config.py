@@ -11,11 +11,12 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from lora_sweep import pareto
+from lora_sweep.report import pareto
 from lora_sweep.config import ConfigError
-from lora_sweep.constraints import Excluded
-from lora_sweep.search_space import SearchSpace
-from lora_sweep.study import (PRUNERS, SAMPLERS, TimeBudget, budget_callbacks, create_study, enqueue_warm_start,
+from lora_sweep.search.constraints import Excluded
+from lora_sweep.search.space import SearchSpace
+from lora_sweep.search.samplers import PRUNERS, SAMPLERS
+from lora_sweep.search.study import (TimeBudget, budget_callbacks, create_study, enqueue_warm_start,
                               trials_to_run, warm_start_points)
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)

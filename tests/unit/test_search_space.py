@@ -7,8 +7,8 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from lora_sweep.config import ConfigError
-from lora_sweep.search_space import SearchSpace
-from lora_sweep.study import sampler_name
+from lora_sweep.search.space import SearchSpace
+from lora_sweep.search.samplers import sampler_name
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 

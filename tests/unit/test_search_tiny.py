@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import copy
 
-import optuna
 import pytest
 from optuna.trial import TrialState
 
 from lora_sweep.config import from_mapping
-from lora_sweep.sweep import run_sweep
+from lora_sweep.run.sweep import run_sweep
 from test_trial_tiny import assets  # noqa: F401  (the tiny model and csv fixture)
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),

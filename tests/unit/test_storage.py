@@ -9,11 +9,12 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from lora_sweep import storage
+from lora_sweep.config import urls
+from lora_sweep.search import storage
 from lora_sweep.config import ConfigError
-from lora_sweep.search_space import SearchSpace
-from lora_sweep.study import QueueEmpty, create_study, fail_orphans, queue_study, resume
-from lora_sweep.workers import Slot, plan, visible_gpus, worker_args
+from lora_sweep.search.space import SearchSpace
+from lora_sweep.search.study import QueueEmpty, create_study, fail_orphans, queue_study, resume
+from lora_sweep.run.workers import Slot, plan, visible_gpus, worker_args
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 # The queue tests ask() by hand, as Study.optimize does inside; Optuna warns about that with heartbeats.
@@ -30,12 +31,12 @@ GRID4 = {"lora.r": "choice(4,8,16,32)"}
     ("sqlite:////tmp/study.db", "sqlite:////tmp/study.db"),
 ])
 def test_redact_hides_passwords_in_urls(text, expected):
-    assert storage.redact(text) == expected
+    assert urls.redact(text) == expected
 
 
 def test_log_lines_are_redacted(caplog):
     logger = logging.getLogger("lora_sweep.test_redact")
-    caplog.handler.addFilter(storage.RedactFilter())
+    caplog.handler.addFilter(urls.RedactFilter())
     with caplog.at_level(logging.INFO):
         logger.info("storage %s", "postgresql://lora:topsecret@db/optuna")
     assert "topsecret" not in caplog.text and "lora:***@db" in caplog.text

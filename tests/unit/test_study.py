@@ -7,8 +7,8 @@ import pytest
 from optuna.trial import TrialState
 
 from lora_sweep.config import ConfigError
-from lora_sweep.search_space import SearchSpace
-from lora_sweep.study import DEFAULT_N_TRIALS, create_study, load_study, resume, trials_to_run
+from lora_sweep.search.space import SearchSpace
+from lora_sweep.search.study import DEFAULT_N_TRIALS, create_study, load_study, resume, trials_to_run
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 

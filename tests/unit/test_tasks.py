@@ -11,12 +11,13 @@ import lm_assets
 import pytest
 import torch
 
-from lora_sweep import data, models, report
-from lora_sweep.adapters import apply_lora, parameter_counts, resolve_targets
+from lora_sweep import report
+from lora_sweep.trial import models
+from lora_sweep.trial.adapters import apply_lora, parameter_counts, resolve_targets
 from lora_sweep.config import ConfigError, DataConfig, LoraSettings, ModelConfig, from_mapping
-from lora_sweep.models import TrialError
-from lora_sweep.objective import run_trial
-from lora_sweep.tasks import IGNORE, CausalLM, Seq2SeqLM, get_task, label_scores, metric_names
+from lora_sweep.trial.models import TrialError
+from lora_sweep.run.objective import run_trial
+from lora_sweep.trial.tasks import IGNORE, CausalLM, Seq2SeqLM, get_task, label_scores, metric_names
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
               pytest.mark.usefixtures("one_thread", "fresh_caches")]

@@ -10,10 +10,11 @@ import random
 import pytest
 import torch
 
-from lora_sweep import data, models
-from lora_sweep.adapters import apply_lora, parameter_counts
+from lora_sweep.trial import data
+from lora_sweep.trial import models
+from lora_sweep.trial.adapters import apply_lora, parameter_counts
 from lora_sweep.config import from_mapping, resolve_path
-from lora_sweep.objective import RESULT_KEYS, run_trial
+from lora_sweep.run.objective import RESULT_KEYS, run_trial
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
               pytest.mark.usefixtures("one_thread", "fresh_caches")]
@@ -166,7 +167,7 @@ _FRESH = """
 import json, sys, torch
 torch.set_num_threads(1)
 from lora_sweep.config import from_mapping
-from lora_sweep.objective import run_trial
+from lora_sweep.run.objective import run_trial
 settings = from_mapping(json.loads(sys.argv[1])).base
 r = run_trial(settings, "cpu", lambda e, m: None)
 print("RESULT " + json.dumps({"epochs": r.epochs, "trainable_params": r.metrics["trainable_params"]}))
@@ -201,7 +202,7 @@ def test_memory_returns_to_baseline_between_trials(settings):
 
     from peft import PeftModel
 
-    from lora_sweep.metrics import release_memory, rss_mb
+    from lora_sweep.trial.metrics import release_memory, rss_mb
 
     run_trial(settings, "cpu", lambda e, m: None)  # warm-up: lazy imports, thread pools, allocator arenas
     release_memory()
@@ -251,7 +252,7 @@ def test_evaluation_reads_the_length_ordered_split_in_order(assets, tmp_path):
     import datasets
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, TrainingArguments
 
-    from lora_sweep.train import _Trainer
+    from lora_sweep.trial.train import _Trainer
 
     model_dir, _ = assets
     rng = random.Random(1)

@@ -1,50 +1,20 @@
-"""Optuna study: sampler, pruner and storage from config; resume-aware, study-wide trial budgets;
-warm-start points enqueued first."""
+"""Optuna study: created or resumed on its storage; study-wide trial budgets; warm-start points
+enqueued first; a grid handed out as a queue of WAITING trials."""
 
 from __future__ import annotations
 
 import itertools
-import warnings
-from typing import Callable
 
 import optuna
 from optuna.trial import TrialState
 
 from lora_sweep.config import Config, ConfigError
-from lora_sweep.search_space import SearchSpace
-from lora_sweep.storage import open_storage, redact
+from lora_sweep.search.space import SearchSpace
+from lora_sweep.config.urls import redact
+from lora_sweep.search.samplers import make_pruner, make_sampler, sampler_name
+from lora_sweep.search.storage import open_storage
 
 
-class QueuedGridSampler(optuna.samplers.GridSampler):
-    """GridSampler that leaves queued trials alone: a queued trial carries its grid point, and
-    GridSampler.after_trial would look for a grid_id it never assigned (and stop the study when
-    every point is merely running, which would end workers that could still pop retries)."""
-
-    def after_trial(self, study, trial, state, values) -> None:
-        if "grid_id" in trial.system_attrs:
-            super().after_trial(study, trial, state, values)
-
-
-# Names users write in study.sampler / study.pruner. Sampler factories take (seed, space, **sampler_args).
-SAMPLERS: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
-    "grid": lambda seed, space, **kw: QueuedGridSampler(space.grid(), seed=seed, **kw),
-    "random": lambda seed, space, **kw: optuna.samplers.RandomSampler(seed=seed, **kw),
-    "tpe": lambda seed, space, **kw: optuna.samplers.TPESampler(seed=seed, **kw),
-    "nsga2": lambda seed, space, **kw: optuna.samplers.NSGAIISampler(seed=seed, **kw),
-    "cmaes": lambda seed, space, **kw: optuna.samplers.CmaEsSampler(seed=seed, **kw),
-    "qmc": lambda seed, space, **kw: optuna.samplers.QMCSampler(seed=seed, **kw),
-    "gp": lambda seed, space, **kw: optuna.samplers.GPSampler(seed=seed, **kw),
-}
-# Factories take study.pruner_args as keyword arguments (they override these defaults). A sweep
-# has few trials, so the median/percentile pruners start judging after 2 complete ones.
-PRUNERS: dict[str, Callable[..., optuna.pruners.BasePruner]] = {
-    "none": optuna.pruners.NopPruner,
-    "median": lambda **kw: optuna.pruners.MedianPruner(**{"n_startup_trials": 2, "n_warmup_steps": 0, **kw}),
-    "percentile": lambda **kw: optuna.pruners.PercentilePruner(**{"percentile": 25.0, "n_startup_trials": 2,
-                                                                 **kw}),
-    "successive_halving": lambda **kw: optuna.pruners.SuccessiveHalvingPruner(**kw),
-    "hyperband": lambda **kw: optuna.pruners.HyperbandPruner(**kw),
-}
 # seed 004's recommended starting point ("Start with r=16, alpha=32, all attention modules,
 # dropout 0.1, bias none"), for study.warm_start: [recommended].
 RECOMMENDED = {"lora.r": 16, "lora.lora_alpha": 32, "lora.alpha_ratio": 2.0, "lora.target_modules": "qkvo",
@@ -53,42 +23,6 @@ DEFAULT_N_TRIALS = 20
 # Trials in these states hold their grid point: a resumed grid skips them. Failed ones are retried.
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 PENDING = (TrialState.WAITING, TrialState.RUNNING)
-
-
-def sampler_name(config: Config, space: SearchSpace) -> str:
-    name = config.study.sampler
-    if name == "auto":
-        return "grid" if space.is_grid else "tpe"
-    if name == "grid" and not space.is_grid:
-        continuous = [p for p, v in space.params.items() if v.grid is None]
-        raise ConfigError(f"study.sampler=grid needs choice(...) or range(...) for every parameter, but "
-                          f"{', '.join(continuous)} use interval(...). Use study.sampler=tpe (or random), "
-                          f"or make them choices.")
-    return name
-
-
-def make_pruner(config: Config) -> optuna.pruners.BasePruner:
-    args = dict(config.study.pruner_args or {})
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return PRUNERS[config.study.pruner](**args)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"study.pruner_args={args} do not fit study.pruner={config.study.pruner}: {e}. "
-                          f"See optuna.pruners for its keyword arguments.") from None
-
-
-def make_sampler(config: Config, space: SearchSpace) -> optuna.samplers.BaseSampler:
-    name = sampler_name(config, space)
-    args = dict(config.study.sampler_args or {})
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            sampler = SAMPLERS[name](config.study.seed, space, **args)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"study.sampler_args={args} do not fit study.sampler={name}: {e}. "
-                          f"See optuna.samplers for its keyword arguments.") from None
-    return sampler
 
 
 def create_study(config: Config, space: SearchSpace) -> optuna.Study:
@@ -116,7 +50,7 @@ def warm_start_points(config: Config, space: SearchSpace) -> list[dict]:
     """study.warm_start -> Optuna params for enqueue_trial. A point sets some searched parameters;
     the others take the base config's value (the rest of the starting point) where the space holds
     it, else the sampler picks. A value outside the space is an error, before any training."""
-    from lora_sweep.search_space import _current, _encode
+    from lora_sweep.search.space import _current, _encode
 
     out = []
     for i, item in enumerate(config.study.warm_start):

@@ -19,9 +19,13 @@ import signal
 import subprocess
 import sys
 
-from lora_sweep import report, storage
+from lora_sweep import report
+from lora_sweep.search import storage
 from lora_sweep.config import Config, ConfigError
-from lora_sweep.search_space import SearchSpace
+from lora_sweep.config.urls import redact
+from lora_sweep.run.sweep import LAUNCHED_ENV, preflight, run_sweep
+from lora_sweep.search.space import SearchSpace
+from lora_sweep.search.study import create_study, fail_orphans
 
 log = logging.getLogger("lora_sweep")
 _DROP = ("study.workers=", "+study.workers=", "study.storage=", "+study.storage=")
@@ -82,13 +86,8 @@ def worker_args(argv: list[str], url: str) -> list[str]:
 
 
 def launch(config: Config, space: SearchSpace) -> int:
-    from lora_sweep.study import create_study, fail_orphans
-    from lora_sweep.sweep import LAUNCHED_ENV, preflight
-
     slots = plan(config.study.workers, visible_gpus(), sorted(os.sched_getaffinity(0)))
     if len(slots) == 1:  # auto on a CPU-only machine: one worker using every core, in this process
-        from lora_sweep.sweep import run_sweep
-
         single = dataclasses.replace(config, study=dataclasses.replace(config.study, workers=1))
         run_sweep(single)
         return 0
@@ -104,7 +103,7 @@ def launch(config: Config, space: SearchSpace) -> int:
         if orphans:
             log.warning("Trial(s) %s were left RUNNING by a previous run; marked failed and queued again",
                         ", ".join(map(str, orphans)))
-        log.info("Starting %d workers on %s: %s", len(slots), storage.redact(url),
+        log.info("Starting %d workers on %s: %s", len(slots), redact(url),
                  "; ".join(f"w{s.index}: {s.describe()}" for s in slots))
         procs = [_start(slot, worker_args(sys.argv[1:], url), LAUNCHED_ENV) for slot in slots]
 

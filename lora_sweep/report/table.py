@@ -18,8 +18,8 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from lora_sweep.config import Config, ConfigError
-from lora_sweep.findings import complete, noise, pareto_mask, pareto_sentence, param_importances, sweep_findings
-from lora_sweep.plots import TITLES, write_plots
+from lora_sweep.report.findings import complete, noise, pareto_mask, pareto_sentence, param_importances, sweep_findings
+from lora_sweep.report.plots import TITLES, write_plots
 
 log = logging.getLogger("lora_sweep")
 
@@ -211,7 +211,7 @@ _MEMORY_NOTES = {
 def write_report(config: Config, study: optuna.Study | None = None) -> Path | None:
     """Write reports/<name>/report.md, report.csv and the plots; returns the markdown path."""
     if study is None:
-        from lora_sweep.study import load_study
+        from lora_sweep.search.study import load_study
 
         study = load_study(config)
     df = trials_frame(study)

@@ -115,7 +115,7 @@ def _load(config: ModelConfig, labels: tuple, seed: int, task_type: str):
     """from_pretrained under set_seed(seed) -> (model, tokenizer, names of the weights it initialised)."""
     from transformers import set_seed
 
-    from lora_sweep.tasks import get_task
+    from lora_sweep.trial.tasks import get_task
 
     task = get_task(task_type)
     if config.load_in_4bit and not torch.cuda.is_available():

@@ -117,7 +117,7 @@ def _plain_text(ds, config: DataConfig) -> Splits:
 def tokenized(config: DataConfig, tokenizer, tokenizer_key: str, task=None) -> Splits:
     """Tokenized splits as the task (lora_sweep.tasks) encodes them, cached per (tokenizer, data,
     task type): trials share them."""
-    from lora_sweep.tasks import SequenceClassification
+    from lora_sweep.trial.tasks import SequenceClassification
 
     task = task or SequenceClassification(config)
     key = (tokenizer_key, config, task.task_type)

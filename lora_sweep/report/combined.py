@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from lora_sweep import findings, report
+from lora_sweep.report import findings, table
 from lora_sweep.config import Config
-from lora_sweep.plots import write_plots
+from lora_sweep.report.plots import write_plots
 
 # Settings that must match for rows of different sweeps to be compared like for like.
 _LIKE_FOR_LIKE = ("model", "data", "train_size", "eval_size", "max_length", "device")
@@ -26,12 +26,12 @@ def for_sweep(config: Config, name: str) -> Config:
 
 
 def load(config: Config) -> dict:
-    from lora_sweep.study import load_study
+    from lora_sweep.search.study import load_study
 
     studies = {}
     for name in config.report.sweeps:
         c = for_sweep(config, name)
-        report.check_exists(c)  # a missing sweep fails before anything is written
+        table.check_exists(c)  # a missing sweep fails before anything is written
         studies[name] = load_study(c)
     return studies
 
@@ -39,7 +39,7 @@ def load(config: Config) -> dict:
 def write_combined(config: Config) -> tuple[Path, str]:
     """Write reports/<a+b>/report.md, report.csv and plots; returns the path and the table."""
     studies = load(config)
-    frames = [report.trials_frame(s).assign(sweep=name) for name, s in studies.items()]
+    frames = [table.trials_frame(s).assign(sweep=name) for name, s in studies.items()]
     df = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) \
         else pd.DataFrame(columns=["status", "sweep"])
     out = config.paths.reports_dir / config.report.folder
@@ -49,12 +49,12 @@ def write_combined(config: Config) -> tuple[Path, str]:
     names = done["label"].astype(str) + " [" + done["sweep"].astype(str) + "]" if len(done) else None
     sizes = {s.user_attrs.get("meta", {}).get("eval_size") for s in studies.values()}
     nz = findings.noise(done, next(iter(sizes)) if len(sizes) == 1 else None) if len(done) else None
-    plots = report.fresh_plots(out, lambda: write_plots(done, pareto, out, None, names=names,
+    plots = table.fresh_plots(out, lambda: write_plots(done, pareto, out, None, names=names,
                                                          noise_sd=nz.sd if nz else None))
     text = markdown(config, studies, df, plots)
-    md = report.write_files(out, text, df)
-    table = report.guide_table(df, sweep_column=True) if len(df) else pd.DataFrame()
-    return md, "\n" + (report.to_markdown(table) if len(table) else "No complete trials.") + "\n"
+    md = table.write_files(out, text, df)
+    rows = table.guide_table(df, sweep_column=True) if len(df) else pd.DataFrame()
+    return md, "\n" + (table.to_markdown(rows) if len(rows) else "No complete trials.") + "\n"
 
 
 def markdown(config: Config, studies: dict, df: pd.DataFrame, plots: list[Path]) -> str:
@@ -76,9 +76,9 @@ def markdown(config: Config, studies: dict, df: pd.DataFrame, plots: list[Path])
         lines.append(f"**Not like for like**: the sweeps differ in {', '.join(differ)}; compare rows across "
                      f"sweeps with care.")
     lines += ["", "## Results", ""]
-    table = report.guide_table(df, sweep_column=True) if len(df) else pd.DataFrame()
-    lines.append(report.to_markdown(table) if len(table) else "_No complete trials yet._")
-    lines += ["", *report.notes_lines(df), "", "## Findings", ""]
+    rows = table.guide_table(df, sweep_column=True) if len(df) else pd.DataFrame()
+    lines.append(table.to_markdown(rows) if len(rows) else "_No complete trials yet._")
+    lines += ["", *table.notes_lines(df), "", "## Findings", ""]
     eval_sizes = {m.get("eval_size") for m in metas.values()}
     eval_size = next(iter(eval_sizes)) if len(eval_sizes) == 1 else None
     done = findings.complete(df)
@@ -92,7 +92,7 @@ def markdown(config: Config, studies: dict, df: pd.DataFrame, plots: list[Path])
         found = findings.sweep_findings(sub, metas[name].get("eval_size"),
                                         findings.param_importances(study, config.study.metric))
         lines += [f"- {f}" for f in found]
-    lines += report.plots_section(plots)
-    lines += report.problems_section(df.assign(label=df["label"] + " [" + df["sweep"] + "]") if len(df) else df)
+    lines += table.plots_section(plots)
+    lines += table.problems_section(df.assign(label=df["label"] + " [" + df["sweep"] + "]") if len(df) else df)
     lines.append("")
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Benchmark: a pruned TPE search against the exhaustive grid over the same space, in one run.
 
-    python -m lora_sweep.bench_search [hydra overrides...] [--out reports/search_benchmark]
+    python -m lora_sweep.bench.search [hydra overrides...] [--out reports/search_benchmark]
 
 1. Compose conf/sweep/search_benchmark.yaml (+ overrides), load the model and tokenize the data once,
    so that neither search pays the process's warm-up.
@@ -35,7 +35,7 @@ def compose(overrides: list[str]):
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
-    from lora_sweep.__main__ import CONF_DIR
+    from lora_sweep.cli import CONF_DIR
     from lora_sweep.config import from_mapping
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -74,7 +74,7 @@ class StopAtTarget:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lora_sweep.bench_search", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lora_sweep.bench.search", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="reports/search_benchmark", help="where result.md/json go")
     parser.add_argument("--tolerance", type=float, default=0.5, help="accuracy points below the grid's best")
     parser.add_argument("--tpe", default="study.sampler=tpe,study.pruner=median,++study.sampler_args.n_startup_trials=4",
@@ -84,10 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for both arms (data.train_size=...)")
     args = parser.parse_args(argv)
 
-    from lora_sweep import data, models
-    from lora_sweep.__main__ import quiet_third_party
-    from lora_sweep.search_space import SearchSpace
-    from lora_sweep.sweep import preflight, run_sweep
+    from lora_sweep.trial import data
+    from lora_sweep.trial import models
+    from lora_sweep.cli import quiet_third_party
+    from lora_sweep.search.space import SearchSpace
+    from lora_sweep.run.sweep import preflight, run_sweep
 
     quiet_third_party()
     import torch
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.propagate = False
-    command = "python -m lora_sweep.bench_search " + " ".join(map(shlex.quote, argv if argv is not None
+    command = "python -m lora_sweep.bench.search " + " ".join(map(shlex.quote, argv if argv is not None
                                                                     else sys.argv[1:]))
     work = Path(tempfile.mkdtemp(prefix="lora-sweep-bench-"))
     grid_cfg = arm(args.overrides, work, "bench-grid", ["study.sampler=grid", "study.pruner=none"])

@@ -20,13 +20,22 @@ import optuna
 from optuna.trial import TrialState
 
 import lora_sweep
-from lora_sweep import adapters, data, environment, interrupt, models, pareto, report, storage
+from lora_sweep import report
+from lora_sweep.trial import adapters
+from lora_sweep.trial import data
+from lora_sweep.trial import environment
+from lora_sweep.trial import interrupt
+from lora_sweep.trial import models
+from lora_sweep.report import pareto
+from lora_sweep.search import storage
 from lora_sweep.config import Config, ConfigError
-from lora_sweep.objective import Objective
-from lora_sweep.progress import progress_for
-from lora_sweep.search_space import SearchSpace
-from lora_sweep.study import (QueueEmpty, budget_callbacks, create_study, enqueue_warm_start, fail_orphans,
-                              make_pruner, make_sampler, queue_study, resume, sampler_name, warm_start_points)
+from lora_sweep.config.urls import RedactFilter, redact
+from lora_sweep.run.objective import Objective
+from lora_sweep.run.progress import progress_for
+from lora_sweep.search.space import SearchSpace
+from lora_sweep.search.samplers import make_pruner, make_sampler, sampler_name
+from lora_sweep.search.study import (QueueEmpty, budget_callbacks, create_study, enqueue_warm_start, fail_orphans,
+                                     queue_study, resume, warm_start_points)
 from lora_sweep.tracking import PARENT_ATTR
 
 LAUNCHED_ENV = "LORA_SWEEP_LAUNCHER"  # set by workers.launch for the workers it starts
@@ -54,16 +63,13 @@ def preflight(config: Config, space: SearchSpace) -> str:
     return device
 
 
-def run_sweep(config: Config, callbacks: tuple = ()) -> optuna.Study | int:
-    """Run (or resume) the sweep in this process; with study.workers != 1, start the workers and
-    return their exit status. callbacks: extra Optuna callbacks (the search benchmark stops a
-    search at its target)."""
+def run_sweep(config: Config, callbacks: tuple = ()) -> optuna.Study:
+    """Run (or resume) the sweep in this process (study.workers=1). callbacks: extra Optuna
+    callbacks (the search benchmark stops a search at its target)."""
+    if config.study.workers != 1:
+        raise ValueError("run_sweep runs one process; lora_sweep.run.sweep_or_launch starts study.workers=N")
     space = SearchSpace(config)
     sampler = sampler_name(config, space)
-    if config.study.workers != 1:
-        from lora_sweep.workers import launch
-
-        return launch(config, space)
     log.info("Sweep %r: %s sampler, %s pruner, over %s", config.study.name, sampler, config.study.pruner,
              ", ".join(f"{k}={v}" for k, v in config.space.items()) or "the base configuration")
     for reason in space.dropped.values():
@@ -131,7 +137,7 @@ def _run(config: Config, space: SearchSpace, sampler: str, device: str, orphans:
         log.info("Warm start ignored: a grid visits every point anyway (study.sampler=%s)", sampler)
 
     log.info("Device: %s. Running %d trial(s); MLflow experiment %r at %s", meta["device"], n,
-             config.experiment_name, storage.redact(config.tracking_uri))
+             config.experiment_name, redact(config.tracking_uri))
     tags = {"study_name": config.study.name, "device": meta["device"], "git_commit": meta["git_commit"],
             **{f"version.{k}": v for k, v in meta["versions"].items()}}
     grid = sampler == "grid"
@@ -213,11 +219,11 @@ def _meta(config: Config, sampler: str, device: str) -> dict:
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "sampler": sampler,
         "space": dict(config.space),
-        "command": storage.redact("python -m lora_sweep " + " ".join(sys.argv[1:])),
+        "command": redact("python -m lora_sweep " + " ".join(sys.argv[1:])),
         "versions": environment.versions(),
         "git_commit": environment.git_commit(),
-        "tracking_uri": storage.redact(config.tracking_uri),
-        "storage": storage.redact(config.storage_url),
+        "tracking_uri": redact(config.tracking_uri),
+        "storage": redact(config.storage_url),
         "experiment_name": config.experiment_name,
     }
 
@@ -225,6 +231,6 @@ def _meta(config: Config, sampler: str, device: str) -> dict:
 def _log_to_file(config: Config) -> None:
     config.study_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(config.study_dir / "sweep.log")
-    handler.addFilter(storage.RedactFilter())
+    handler.addFilter(RedactFilter())
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("lora_sweep").addHandler(handler)

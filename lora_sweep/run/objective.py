@@ -1,4 +1,4 @@
-"""One trial: settings -> LoRA model -> training -> measured result, recorded in Optuna and MLflow.
+"""The Optuna objective: one trial of the study run (lora_sweep.trial.runner) and recorded in Optuna and MLflow.
 
 A trial that raises is recorded (Optuna FAIL, MLflow FAILED, the error as a tag) and the sweep goes
 on; Optuna's TrialPruned is recorded as pruned with the epoch (or step) it stopped at. A point that an
@@ -12,102 +12,19 @@ import logging
 import os
 import socket
 import tempfile
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import optuna
 
-from lora_sweep import adapters, data, interrupt, models, tasks
 from lora_sweep.config import Config, TrialSettings
-from lora_sweep.constraints import Excluded
-from lora_sweep.dropout import use_fast_dropout
-from lora_sweep.metrics import PeakMemory, failure_reason, release_memory, rss_mb
-from lora_sweep.progress import Progress
-from lora_sweep.search_space import Point, SearchSpace
-from lora_sweep.train import train
+from lora_sweep.run.progress import Progress
+from lora_sweep.search.constraints import Excluded
+from lora_sweep.search.space import Point, SearchSpace
+from lora_sweep.trial import interrupt
+from lora_sweep.trial.metrics import failure_reason, release_memory, rss_mb
+from lora_sweep.trial.runner import LM_RESULT_KEYS, RESULT_KEYS, run_trial, target_names
 
 log = logging.getLogger("lora_sweep")
-
-# What the report and the objective read from a finished trial (Optuna user attrs, MLflow metrics).
-RESULT_KEYS = ("eval_accuracy", "eval_loss", "eval_f1", "train_loss", "trainable_params", "total_params",
-               "trainable_pct", "peak_memory_mb", "epoch_time_s", "adapter_size_mb", "train_seconds", "eval_seconds")
-# Language-model tasks only (lora_sweep/tasks.py); on plain text eval_accuracy/eval_f1 are absent.
-LM_RESULT_KEYS = ("eval_perplexity",)
-
-
-@dataclass
-class TrialResult:
-    metrics: dict = field(default_factory=dict)      # RESULT_KEYS
-    epochs: list[dict] = field(default_factory=list)
-    steps: list[int] = field(default_factory=list)   # the epoch or optimizer step of each evaluation
-    target_modules: tuple = ()
-    memory_kind: str = ""
-    adapter_dir: Path | None = None
-    batch_shapes: dict = field(default_factory=dict)
-
-
-def run_trial(settings: TrialSettings, device: str, on_epoch: Callable[[int, dict], None],
-              adapter_dir: Path | None = None) -> TrialResult:
-    """Fine-tune one LoRA configuration and measure it. Pure of Optuna/MLflow: usable alone."""
-    from transformers import set_seed
-
-    task = tasks.get_task(settings.lora.task_type, settings.data)
-    base = models.load_base(settings.model, _labels(settings), settings.train.seed, settings.lora.task_type)
-    splits = data.tokenized(settings.data, base.tokenizer, tokenizer_key=settings.model.name_or_path, task=task)
-    model = peft_model = None
-    try:
-        with PeakMemory(device) as memory:
-            model = models.fresh_copy(base)
-            set_seed(settings.train.seed)  # same LoRA init and batch order wherever the trial runs
-            peft_model, targets = adapters.apply_lora(model, settings.lora,
-                                                      quantized=settings.model.load_in_4bit)
-            if settings.train.fast_dropout and device == "cpu":
-                use_fast_dropout(peft_model)  # the model's own dropouts and peft's lora_dropout
-            trainable, total = adapters.parameter_counts(peft_model)
-            t0 = time.perf_counter()
-            outcome = train(peft_model, base.tokenizer, splits.train, splits.eval, settings.train, device,
-                            on_epoch, task=task, generate=splits.generate, labels=splits.labels)
-            wall = time.perf_counter() - t0
-        result = TrialResult(epochs=outcome.epochs, steps=outcome.steps, target_modules=targets.names,
-                             memory_kind=memory.kind, batch_shapes=outcome.batch_shapes)
-        result.metrics = {
-            **outcome.final,
-            "train_loss": outcome.train_loss,
-            "trainable_params": trainable,
-            "total_params": total,
-            "trainable_pct": 100.0 * trainable / total,
-            "peak_memory_mb": memory.peak_mb,
-            "epoch_time_s": outcome.epoch_time_s,
-            "train_seconds": wall - outcome.eval_seconds,
-            "eval_seconds": outcome.eval_seconds,
-        }
-        if adapter_dir is not None:
-            peft_model.save_pretrained(adapter_dir)
-            weights = next(adapter_dir.glob("adapter_model.*"))
-            result.metrics["adapter_size_mb"] = weights.stat().st_size / 2**20
-            result.adapter_dir = adapter_dir
-        return result
-    finally:
-        del model, peft_model
-        if settings.model.load_in_4bit:
-            del base
-        release_memory()
-
-
-def _target_names(settings: TrialSettings) -> tuple:
-    """The module names a preset resolves to, from the cached base model (quantized bases are not
-    cached, and loading one just to name its modules would double the trial's load time)."""
-    if settings.model.load_in_4bit:
-        return ()
-    base = models.load_base(settings.model, _labels(settings), settings.train.seed, settings.lora.task_type)
-    return adapters.resolve_targets(settings.lora.target_modules, base.model).names
-
-
-def _labels(settings: TrialSettings) -> tuple:
-    return data.load_splits(settings.data).labels
-
 
 def mlflow_params(settings: TrialSettings, targets: tuple) -> dict:
     """Params under the names LoraConfig / TrainingArguments give them."""
@@ -161,7 +78,7 @@ class Objective:
         trial.set_user_attr("memory_before_mb", round(rss_mb(), 1))  # process RSS: proves a failed trial gave it back
         trial.set_user_attr("device", self.device)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which worker ran it
-        preview = _target_names(point.settings)
+        preview = target_names(point.settings)
         params = mlflow_params(point.settings, preview)
         trial.set_user_attr("params", {k: _jsonable(v) for k, v in params.items()})
         run_id = self.tracker.start_trial(self.parent_run_id, run_name(point), params, {

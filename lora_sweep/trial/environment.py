@@ -7,6 +7,7 @@ import importlib.metadata
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 PACKAGES = ("torch", "transformers", "peft", "optuna", "mlflow", "hydra-core", "datasets", "accelerate",
@@ -53,8 +54,6 @@ def cpu_bf16_speedup() -> float:
     emulates bf16 (AVX2), a matmul like this one ran 3.6x slower."""
     import torch
 
-    from lora_sweep.flops import matmul_gflops
-
     shape = (1280, 384, 1536)
     return matmul_gflops(*shape, torch.bfloat16, repeats=5) / matmul_gflops(*shape, torch.float32, repeats=5)
 
@@ -71,7 +70,7 @@ def _cpu_model() -> str | None:
 
 def git_commit() -> str:
     try:
-        root = Path(__file__).resolve().parent.parent
+        root = Path(__file__).resolve().parents[2]
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=5)
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
@@ -79,3 +78,21 @@ def git_commit() -> str:
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def matmul_gflops(m: int, k: int, n: int, dtype=None, repeats: int = 8) -> float:
+    """Best-of-`repeats` throughput of an (m x k) @ (k x n) torch.mm on this process's torch threads,
+    in GFLOP/s (after one warm-up call: thread pool, caches, packing buffers)."""
+    import torch
+
+    dtype = dtype or torch.float32
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=gen).to(dtype)
+    b = torch.randn(k, n, generator=gen).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * m * k * n / best / 1e9

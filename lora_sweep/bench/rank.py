@@ -8,7 +8,7 @@
 In one run, on the same configurations, data and epochs, it runs
   (a) `python -m lora_sweep <overrides>`: one process, base model loaded once, data tokenized once,
       length-grouped batches;
-  (b) lora_sweep.bench_baseline once per configuration, each a fresh process (what users do today),
+  (b) lora_sweep.bench.baseline once per configuration, each a fresh process (what users do today),
       half of them before (a) and half after, so a machine whose speed drifts weighs on both sides;
 and prints the wall-time ratio a/b (target <= 0.5 at equal accuracy within 1 point), the sweep's
 overhead 1 - sum(train + eval seconds) / wall (target <= 3%), and the training FLOP/s achieved by (a)
@@ -38,7 +38,7 @@ def compose(overrides: list[str]):
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
-    from lora_sweep.__main__ import CONF_DIR, normalise_argv
+    from lora_sweep.cli import CONF_DIR, normalise_argv
     from lora_sweep.config import from_mapping
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
@@ -56,7 +56,7 @@ def with_default_sweep(argv: list[str]) -> list[str]:
 
 def grid_points(config):
     from lora_sweep.config import ConfigError
-    from lora_sweep.search_space import SearchSpace
+    from lora_sweep.search.space import SearchSpace
 
     space = SearchSpace(config)
     if not space.is_grid:
@@ -68,8 +68,9 @@ def grid_points(config):
 
 
 def baseline_spec(point, config, output_dir: str) -> dict:
-    from lora_sweep import data, models
-    from lora_sweep.adapters import resolve_targets
+    from lora_sweep.trial import data
+    from lora_sweep.trial import models
+    from lora_sweep.trial.adapters import resolve_targets
     from lora_sweep.config import resolve_path
 
     s = point.settings
@@ -99,7 +100,7 @@ def seed_groups(config, points, rows: list[dict]) -> list[dict]:
     "equal accuracy within 1 point" is judged on the means. Empty without a seed dimension."""
     import statistics
 
-    from lora_sweep.search_space import SearchSpace
+    from lora_sweep.search.space import SearchSpace
 
     if not any("train.seed" in p.values for p in points):
         return []
@@ -138,7 +139,7 @@ def run_sweep(overrides: list[str], work: Path) -> tuple[float, list]:
 
 def run_baseline(spec: dict) -> tuple[float, dict]:
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "lora_sweep.bench_baseline", json.dumps(spec)],
+    proc = subprocess.run([sys.executable, "-m", "lora_sweep.bench.baseline", json.dumps(spec)],
                           capture_output=True, text=True)
     wall = time.perf_counter() - t0
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BASELINE_RESULT ")), None)
@@ -159,9 +160,9 @@ def main(argv: list[str]) -> int:
         return 0
     import torch
 
-    from lora_sweep import environment
-    from lora_sweep.__main__ import quiet_third_party
-    from lora_sweep.flops import matmul_peak_gflops, per_sequence_flops, training_flops
+    from lora_sweep.trial import environment
+    from lora_sweep.cli import quiet_third_party
+    from lora_sweep.bench.flops import matmul_peak_gflops, per_sequence_flops, training_flops
 
     quiet_third_party()
     overrides = with_default_sweep(argv)

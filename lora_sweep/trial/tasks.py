@@ -125,7 +125,7 @@ class SequenceClassification(Task):
         return DataCollatorWithPadding(tokenizer)
 
     def compute_metrics(self):
-        from lora_sweep.metrics import classification_metrics
+        from lora_sweep.trial.metrics import classification_metrics
 
         return lambda p: classification_metrics(p.predictions, p.label_ids)
 

@@ -8,26 +8,10 @@ polynomial in the sequence length, and summed over the padded batch shapes the t
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from lora_sweep.config import TrialSettings, resolve_path
-
-
-def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype = torch.float32, repeats: int = 8) -> float:
-    """Best-of-`repeats` throughput of an (m x k) @ (k x n) torch.mm on this process's torch threads,
-    in GFLOP/s (after one warm-up call: thread pool, caches, packing buffers)."""
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(m, k, generator=gen).to(dtype)
-    b = torch.randn(k, n, generator=gen).to(dtype)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * m * k * n / best / 1e9
+from lora_sweep.trial.environment import matmul_gflops
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 8, dtype: torch.dtype = torch.float32) -> float:
@@ -38,7 +22,7 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 8, dtype: torch.dtype = tor
 def _model(settings: TrialSettings, num_labels: int, device: str):
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from lora_sweep.adapters import apply_lora
+    from lora_sweep.trial.adapters import apply_lora
 
     config = AutoConfig.from_pretrained(resolve_path(settings.model.name_or_path), num_labels=num_labels)
     with torch.device(device):

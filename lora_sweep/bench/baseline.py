@@ -5,7 +5,7 @@ their longest example, evaluate every epoch. It deliberately imports nothing fro
 start-up (imports, model load, tokenization) is paid in full once per configuration, as it is for
 users. Run by `python -m lora_sweep.bench`; prints one JSON line with its result.
 
-    python -m lora_sweep.bench_baseline '{"model": DIR, "csv": FILE, "r": 16, ...}'
+    python -m lora_sweep.bench.baseline '{"model": DIR, "csv": FILE, "r": 16, ...}'
 """
 
 from __future__ import annotations

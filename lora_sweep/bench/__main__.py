@@ -1,0 +1,5 @@
+import sys
+
+from lora_sweep.bench.rank import main
+
+sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,151 @@
+"""python -m lora_sweep +sweep=rank [overrides]      run (or resume) a sweep
+python -m lora_sweep report +sweep=rank              rebuild reports/rank/ from stored results
+python -m lora_sweep report sweep=rank,bias          one report over several stored sweeps
+
+Reads as the data flow: compose (Hydra) -> validate (lora_sweep.config) -> sweep or report. The
+one error boundary: a ConfigError from any stage becomes one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+log = logging.getLogger("lora_sweep")
+
+
+def main() -> None:
+    """The entry point of both `lora-sweep` and `python -m lora_sweep`."""
+    sys.argv = [sys.argv[0], *normalise_argv(sys.argv[1:])]
+    try:
+        _hydra_entry()
+    except SystemExit as e:  # Hydra and our errors end this way; code None means success
+        if not isinstance(e.code, (int, type(None))):
+            raise
+        _exit_now(e.code or 0)
+    _exit_now(0)
+
+
+def normalise_argv(args: list[str]) -> list[str]:
+    """`report` as a verb -> mode=report; `sweep=X` -> `+sweep=X` (the sweep group is optional, so
+    Hydra wants the +; both spellings work); `sweep=A,B` -> `+sweep=A report.sweeps=[A,B]` (Hydra
+    would read a comma as a multirun; here it means one report over both)."""
+    out = []
+    for a in args:
+        if a == "report":
+            out.append("mode=report")
+        elif a.startswith(("sweep=", "+sweep=")):
+            names = [n.strip() for n in a.split("=", 1)[1].split(",")]
+            out.append(f"+sweep={names[0]}")
+            if len(names) > 1:
+                out.append(f"report.sweeps=[{','.join(names)}]")
+        else:
+            out.append(a)
+    return out
+
+
+def quiet_third_party() -> None:
+    """Keep our progress lines readable: library chatter a user does not need goes."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("BITSANDBYTES_NOWELCOME", "1")
+    # transformers' GGUF reader draws a tqdm bar that its own progress-bar switch does not reach.
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    from lora_sweep.config.urls import RedactFilter
+
+    worker = os.environ.get("LORA_SWEEP_WORKER")  # set by study.workers=N for each worker it starts
+    prefix = f"[w{worker}] " if worker else ""
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactFilter())
+    log.setLevel(logging.INFO)
+    for noisy in ("transformers", "datasets", "peft", "mlflow", "alembic", "urllib3", "bitsandbytes"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import optuna
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines report each trial
+
+
+def run(cfg) -> int:
+    from lora_sweep.config import ConfigError, from_dictconfig
+
+    quiet_third_party()
+    try:
+        config = from_dictconfig(cfg)
+        if config.mode == "report":
+            return _report(config)
+        if len(config.report.sweeps) > 1:
+            raise ConfigError(f"report.sweeps={list(config.report.sweeps)}: several sweeps go into one report "
+                              f"only in report mode (python -m lora_sweep report sweep=a,b); run sweeps one "
+                              f"at a time.")
+        from lora_sweep.run import sweep_or_launch
+
+        result = sweep_or_launch(config)
+        return result if isinstance(result, int) else 0
+    except ConfigError as e:
+        from lora_sweep.config.urls import redact
+
+        print(f"lora-sweep: error: {redact(str(e))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the trial is recorded as failed, runs are closed
+        print(f"lora-sweep: interrupted ({e or 'Ctrl-C'}); re-run the same command to resume.", file=sys.stderr)
+        return 130
+
+
+def _report(config) -> int:
+    from lora_sweep import report
+
+    if len(config.report.sweeps) > 1:
+        from lora_sweep.report.combined import write_combined
+
+        path, text = write_combined(config)
+        print(text)
+        log.info("Wrote %s", path)
+        return 0
+    from lora_sweep.search.study import load_study
+
+    report.check_exists(config)
+    study = load_study(config)
+    path = report.write_report(config, study)
+    report.publish(config, study, path)
+    print(report.summary(config, study))
+    if config.study.multi_objective:
+        from lora_sweep.report import pareto
+
+        print(pareto.format_front(config, pareto.store(config, study)[0]))
+    log.info("Wrote %s", path)
+    return 0
+
+
+def _hydra_entry() -> None:
+    import hydra
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+    def entry(cfg) -> None:
+        code = run(cfg)
+        if code:
+            sys.exit(code)
+
+    entry()
+
+
+def _exit_now(code: int) -> None:
+    """End the process without tearing down the interpreter: after a sweep, finalizing the heap
+    torch, transformers and the rest built takes ~2 s, measured between the last line printed and
+    the exit. Exit handlers still run (temp dirs, library flushes); open files are flushed first."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+

@@ -1,0 +1,16 @@
+"""config: the frozen, validated settings of a sweep; imports nothing from the later stages.
+
+checks (ConfigError and its wording) < names (every allowed name) < urls < schema (dataclasses) < load
+(DictConfig -> Config).
+"""
+
+from lora_sweep.config.checks import ConfigError, flatten, flatten_paths
+from lora_sweep.config.load import from_dictconfig, from_mapping, resolve_path
+from lora_sweep.config.schema import (Config, DataConfig, LoraSettings, ModelConfig, Paths, ReportConfig,
+                                      StudyConfig, TrackingConfig, TrainConfig, TrialSettings, Variant)
+
+__all__ = [
+    "Config", "ConfigError", "DataConfig", "ReportConfig", "LoraSettings", "ModelConfig", "Paths", "StudyConfig",
+    "TrackingConfig", "TrainConfig", "TrialSettings", "Variant", "flatten", "flatten_paths", "from_dictconfig",
+    "from_mapping", "resolve_path",
+]

@@ -1,0 +1,2 @@
+"""trial: one trial, pure of Optuna and MLflow. data -> models (cached base) -> adapters -> train
+(with tasks' metrics, dropout's CPU masks) -> runner's result."""
