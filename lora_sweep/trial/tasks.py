@@ -21,15 +21,6 @@ from lora_sweep.config import DataConfig
 IGNORE = -100  # label id the loss skips (prompt tokens, padding)
 
 
-def metric_names(task_type: str, labelled: bool = True) -> tuple[str, ...]:
-    """The metrics a trial of this task reports every epoch (study.metric must be one of them)."""
-    if task_type == "SEQ_CLS":
-        return ("eval_accuracy", "eval_f1", "eval_loss")
-    if labelled:
-        return ("eval_accuracy", "eval_f1", "eval_loss", "eval_perplexity")
-    return ("eval_loss", "eval_perplexity")
-
-
 def get_task(task_type: str, data: DataConfig | None = None) -> "Task":
     """The task for lora.task_type; `data` may be left out where only the model class is wanted."""
     return {"SEQ_CLS": SequenceClassification, "CAUSAL_LM": CausalLM, "SEQ_2_SEQ_LM": Seq2SeqLM}[task_type](data)

@@ -17,7 +17,8 @@ from lora_sweep.trial.adapters import apply_lora, parameter_counts, resolve_targ
 from lora_sweep.config import ConfigError, DataConfig, LoraSettings, ModelConfig, from_mapping
 from lora_sweep.trial.models import TrialError
 from lora_sweep.run.objective import run_trial
-from lora_sweep.trial.tasks import IGNORE, CausalLM, Seq2SeqLM, get_task, label_scores, metric_names
+from lora_sweep.config.names import metric_names
+from lora_sweep.trial.tasks import IGNORE, CausalLM, Seq2SeqLM, get_task, label_scores
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
               pytest.mark.usefixtures("one_thread", "fresh_caches")]
