@@ -3,7 +3,7 @@
 Training FLOPs are counted by torch's own FlopCounterMode (matmuls, attention; elementwise ops are not
 counted, as in the usual MFU definition) on a forward+backward of single sequences, fitted to an exact
 polynomial in the sequence length, and summed over the padded batch shapes the trial really trained on
-(recorded by lora_sweep.train).
+(recorded by lora_sweep.trial.train).
 """
 
 from __future__ import annotations

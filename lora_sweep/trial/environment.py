@@ -48,10 +48,8 @@ def cpu_has_native_bf16() -> bool:
 @functools.cache  # once a process: every trial that asks gets the same answer
 def cpu_bf16_speedup() -> float:
     """bf16 over fp32 throughput of a MiniLM-sized matmul (1280 tokens x 384 -> 1536) on this CPU's
-    torch threads, best of 5 each. Measured, not read off CPU flags, because the flags do not predict
-    it: per epoch, bf16 trained 1.4x faster with AMX and 1.7x faster on an AMD CPU with AVX512-BF16,
-    but 1.4x slower on a Xeon VM exposing AVX512-BF16 without AMX (this matmul: 0.5-0.7x); where torch
-    emulates bf16 (AVX2), a matmul like this one ran 3.6x slower."""
+    torch threads, best of 5 each. Timed, not read off CPU flags: the flags do not predict it
+    (reports/bench/README.md, "Mixed precision")."""
     import torch
 
     shape = (1280, 384, 1536)

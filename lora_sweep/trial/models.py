@@ -6,8 +6,8 @@ so nothing a trial trains can leak into the next one.
 
 One pristine base serves every seed. The seed only decides the weights `from_pretrained` initialises
 because the checkpoint lacks them (a classifier head on an encoder checkpoint): those few tensors are
-kept per seed and written into the trial's copy. A base cached per seed instead kept a whole model
-per seed alive: a 20-seed MiniLM sweep grew by 79 MB a trial, 1.0 -> 2.6 GB.
+kept per seed and written into the trial's copy. A base cached per seed kept a whole model per seed
+alive, and memory grew with every seed (reports/bench/README.md, "Reuse").
 """
 
 from __future__ import annotations

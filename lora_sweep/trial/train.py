@@ -2,7 +2,7 @@
 
 A callback times each epoch's training alone (on_epoch_begin -> on_epoch_end; the Trainer runs
 evaluation after on_epoch_end), stops on a non-finite loss, and hands each epoch's eval metrics to
-the caller, which reports them to Optuna (pruning) and MLflow. The task (lora_sweep/tasks.py) picks
+the caller, which reports them to Optuna (pruning) and MLflow. The task (lora_sweep/trial/tasks.py) picks
 the collator and the metrics; for language models it also generates answers after each evaluation
 (that time counts as evaluation, not training). With train.eval_steps, evaluations
 (and generation) inside an epoch are subtracted from its time; the step passed on is the epoch
@@ -123,8 +123,7 @@ class ShuffledBatches(torch.utils.data.Sampler):
     The same batches in shuffled order keep its padding savings and lose that ordering. The batch
     holding the longest example stays first (an out-of-memory error comes at once, as there);
     a partial batch stays last, so the DataLoader's batches fall on the groups' boundaries.
-    Measured on r=8 and r=16, seeds 42-44 (README, "Accuracy over seeds"): 85.5/86.8% in
-    transformers' order, 86.5/86.9% shuffled, 86.4/87.3% with random batches."""
+    Why: transformers' order cost accuracy (reports/bench/README.md, "Accuracy over seeds")."""
 
     def __init__(self, grouped: LengthGroupedSampler):
         self.grouped = grouped
@@ -151,7 +150,7 @@ class _Trainer(Trainer):
         # transformers 5 applies train_sampling_strategy=group_by_length to evaluation as well, in
         # mega-batches of four eval batches: 500 tweets become random groups of 64, each padded to
         # its longest (measured: 4.7 s per evaluation instead of 3.0 s). Our eval split is already
-        # ordered by length (lora_sweep.data): read it in that order.
+        # ordered by length (lora_sweep.trial.data): read it in that order.
         if self.args.world_size <= 1 and eval_dataset is not None:
             return torch.utils.data.SequentialSampler(eval_dataset)
         return super()._get_eval_sampler(eval_dataset)
@@ -183,9 +182,8 @@ def _warn_slow_bf16(speedup: float) -> None:
 def mixed_precision(settings: TrainConfig, device: str) -> dict:
     mode = settings.mixed_precision
     if mode == "auto":
-        # CPUs stay fp32: per epoch, bf16 was 1.4x faster with AMX and 1.7x faster on an AMD CPU with
-        # AVX512-BF16, but 1.4x slower on a Xeon VM with AVX512-BF16 and no AMX, and 3.6x slower where
-        # torch emulates it (lora_sweep.bench); results should not depend on which CPU ran them.
+        # CPUs stay fp32: whether bf16 pays varies by CPU (reports/bench/README.md), and results
+        # should not depend on which CPU ran them.
         mode = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "no"
     if mode == "fp16" and device != "cuda":
         from lora_sweep.config import ConfigError
