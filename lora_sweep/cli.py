@@ -14,7 +14,17 @@ import sys
 import warnings
 from pathlib import Path
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# Hydra's configs: conf/ at the top of the repository, which the wheel ships inside the package as
+# lora_sweep/conf/ (pyproject's package-dir). A wheel install reads that copy; a checkout (an editable
+# install, or the source tree on sys.path) reads conf/ beside the package folder. Either way a real
+# folder, handed to Hydra as an absolute config_path (Hydra's relative form, config_path="conf", means
+# pkg://lora_sweep/conf, which a checkout lacks). --config-dir DIR adds a user's own configs.
+_PACKAGE_DIR = Path(__file__).resolve().parent
+CONF_DIR = next((d for d in (_PACKAGE_DIR / "conf", _PACKAGE_DIR.parent / "conf") if (d / "config.yaml").is_file()),
+                _PACKAGE_DIR / "conf")
+# Hydra's flags whose value is the next argument; normalise_argv passes that value through untouched.
+_HYDRA_VALUE_FLAGS = {"--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "--cfg", "-c",
+                      "--package", "-p", "--experimental-rerun"}
 log = logging.getLogger("lora_sweep")
 
 
@@ -35,8 +45,10 @@ def normalise_argv(args: list[str]) -> list[str]:
     Hydra wants the +; both spellings work); `sweep=A,B` -> `+sweep=A report.sweeps=[A,B]` (Hydra
     would read a comma as a multirun; here it means one report over both)."""
     out = []
-    for a in args:
-        if a == "report":
+    for i, a in enumerate(args):
+        if i and args[i - 1] in _HYDRA_VALUE_FLAGS:  # `--config-dir report` names a folder, not the verb
+            out.append(a)
+        elif a == "report":
             out.append("mode=report")
         elif a.startswith(("sweep=", "+sweep=")):
             names = [n.strip() for n in a.split("=", 1)[1].split(",")]
