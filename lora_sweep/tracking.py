@@ -13,9 +13,11 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from lora_sweep import record
+
 log = logging.getLogger(__name__)
 
-PARENT_ATTR = "mlflow_parent_run_id"
+PARENT_ATTR = record.PARENT_ATTR  # the study attribute holding the sweep's MLflow parent run id
 # MLflow run statuses for our trial outcomes.
 STATUS = {"complete": "FINISHED", "failed": "FAILED", "pruned": "KILLED", "killed": "KILLED"}
 
@@ -42,7 +44,7 @@ class Tracker:
     def parent_run(self, study, name: str, tags: Mapping[str, str], reopen: bool = True) -> str:
         """The sweep's parent run: created once, stored on the study, reopened on resume. All
         workers share it; the caller holds the study's lock, so two workers never create two."""
-        run_id = study.user_attrs.get(PARENT_ATTR)
+        run_id = record.parent_run_id(study)
         if run_id is not None:
             try:
                 run = self.client.get_run(run_id)
@@ -52,7 +54,7 @@ class Tracker:
             except Exception:  # deleted by hand, or another tracking store: start a new one
                 log.warning("MLflow parent run %s not found in %s; starting a new one", run_id, self.uri)
         run = self.client.create_run(self.experiment_id, run_name=name, tags=dict(tags))
-        study.set_user_attr(PARENT_ATTR, run.info.run_id)
+        record.set_parent_run_id(study, run.info.run_id)
         return run.info.run_id
 
     def finish_parent(self, run_id: str, status: str = "FINISHED", description: str | None = None) -> None:

@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from lora_sweep import record
+
 TARGETS = {"wall_ratio": 0.5, "overhead": 0.03, "mfu": 0.5, "accuracy_points": 1.0}
 
 
@@ -84,7 +86,7 @@ def baseline_spec(point, config, output_dir: str) -> dict:
         "r": s.lora.r, "lora_alpha": s.lora.effective_alpha, "lora_dropout": s.lora.lora_dropout,
         "bias": s.lora.bias, "target_modules": list(resolve_targets(s.lora.target_modules, base.model).modules),
         "learning_rate": s.train.learning_rate, "weight_decay": s.train.weight_decay,
-        # the rest of what lora_sweep.train gives TrainingArguments: a bench with train.warmup_steps=0.1
+        # the rest of what lora_sweep.trial.train gives TrainingArguments: a bench with train.warmup_steps=0.1
         # must train both sides with it
         "warmup_steps": s.train.warmup_steps, "lr_scheduler_type": s.train.lr_scheduler_type,
         "max_grad_norm": s.train.max_grad_norm, "gradient_accumulation_steps": s.train.gradient_accumulation_steps,
@@ -134,7 +136,7 @@ def run_sweep(overrides: list[str], work: Path) -> tuple[float, list]:
     db = next((work / "sweeps").glob("*/study.db"))
     study = optuna.load_study(study_name=db.parent.name, storage=f"sqlite:///{db}")
     return wall, [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE], \
-        study.user_attrs.get("timings", {})
+        record.timings(study)
 
 
 def run_baseline(spec: dict) -> tuple[float, dict]:
@@ -208,27 +210,26 @@ def main(argv: list[str]) -> int:
 
     rows, flops_total, train_total = [], 0.0, 0.0
     coeffs = {}
-    by_label = {t.user_attrs["label"]: t for t in trials}
+    by_label = {rec.label: rec for rec in map(record.TrialRecord.from_trial, trials)}
     for p in points:
-        t = by_label[p.label]
-        ua = t.user_attrs
+        rec = by_label[p.label]
         key = (p.settings.model, p.settings.lora)
         if key not in coeffs:
             coeffs[key] = per_sequence_flops(p.settings)
-        f = training_flops(coeffs[key], ua["batch_shapes"])
-        train_s = ua["epoch_time_s"] * len(ua["epochs"])
+        f = training_flops(coeffs[key], rec.batch_shapes)
+        train_s = rec.epoch_time_s * len(rec.epochs)
         flops_total += f
         train_total += train_s
         b = baseline[p.label][1]
-        rows.append({"configuration": p.label, "sweep_accuracy": ua["eval_accuracy"],
-                     "baseline_accuracy": b["eval_accuracy"], "sweep_epoch_s": ua["epoch_time_s"],
+        rows.append({"configuration": p.label, "sweep_accuracy": rec.eval_accuracy,
+                     "baseline_accuracy": b["eval_accuracy"], "sweep_epoch_s": rec.epoch_time_s,
                      "baseline_epoch_s": b["epoch_time_s"], "baseline_process_s": baseline[p.label][0],
-                     "sweep_train_plus_eval_s": ua["train_seconds"] + ua["eval_seconds"],
+                     "sweep_train_plus_eval_s": rec.train_seconds + rec.eval_seconds,
                      "train_gflop_per_s": f / train_s / 1e9})
     groups = seed_groups(config, points, rows)
     busy = sum(r["sweep_train_plus_eval_s"] for r in rows)
     peak_gflops = max(peak)
-    # Where the sweep's non-training seconds went (lora_sweep.sweep records its phases).
+    # Where the sweep's non-training seconds went (lora_sweep.run.sweep records its phases).
     between = timings.get("trials_s", busy) - busy
     breakdown = {"startup (interpreter, imports, Hydra, validation)": timings.get("startup_s"),
                  "preflight (data, base model, every corner of the space)": timings.get("preflight_s"),

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import optuna
 
+from lora_sweep.record import TrialRecord
+
 TARGET_RATIO = 0.40
 
 
@@ -52,10 +54,11 @@ def finished(study: optuna.Study, t0: float) -> list[dict]:
     rows = []
     for t in study.trials:
         end = t.datetime_complete.timestamp() - t0 if t.datetime_complete else None
-        rows.append({"trial": t.number, "label": t.user_attrs.get("label", ""), "state": t.state.name,
-                     "params": t.params, "eval_accuracy": t.user_attrs.get("eval_accuracy"),
-                     "epoch_time_s": t.user_attrs.get("epoch_time_s"), "finished_at_s": end,
-                     "pruned_at_epoch": t.user_attrs.get("pruned_at_epoch")})
+        rec = TrialRecord.from_trial(t)
+        rows.append({"trial": t.number, "label": rec.label, "state": t.state.name,
+                     "params": t.params, "eval_accuracy": rec.eval_accuracy,
+                     "epoch_time_s": rec.epoch_time_s, "finished_at_s": end,
+                     "pruned_at_epoch": rec.pruned_at_epoch})
     return rows
 
 
@@ -67,7 +70,7 @@ class StopAtTarget:
         self.hit: optuna.trial.FrozenTrial | None = None
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        acc = trial.user_attrs.get("eval_accuracy")
+        acc = TrialRecord.from_trial(trial).eval_accuracy
         if trial.state == optuna.trial.TrialState.COMPLETE and acc is not None and acc >= self.target:
             self.hit = self.hit or trial
             study.stop()

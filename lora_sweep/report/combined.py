@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from lora_sweep import record
 from lora_sweep.report import findings, table
 from lora_sweep.config import Config
 from lora_sweep.report.plots import write_plots
@@ -47,7 +48,7 @@ def write_combined(config: Config) -> tuple[Path, str]:
     done = findings.complete(df)
     pareto = findings.pareto_mask(done) if len(done) else pd.Series(dtype=bool)
     names = done["label"].astype(str) + " [" + done["sweep"].astype(str) + "]" if len(done) else None
-    sizes = {s.user_attrs.get("meta", {}).get("eval_size") for s in studies.values()}
+    sizes = {record.meta(s).get("eval_size") for s in studies.values()}
     nz = findings.noise(done, next(iter(sizes)) if len(sizes) == 1 else None) if len(done) else None
     plots = table.fresh_plots(out, lambda: write_plots(done, pareto, out, None, names=names,
                                                          noise_sd=nz.sd if nz else None))
@@ -58,7 +59,7 @@ def write_combined(config: Config) -> tuple[Path, str]:
 
 
 def markdown(config: Config, studies: dict, df: pd.DataFrame, plots: list[Path]) -> str:
-    metas = {name: s.user_attrs.get("meta", {}) for name, s in studies.items()}
+    metas = {name: record.meta(s) for name, s in studies.items()}
     lines = [f"# LoRA sweeps: {', '.join(studies)}", "", "One table over several sweeps; each row names "
              "its sweep and its trial number in that sweep's study.", ""]
     for name, meta in metas.items():

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from lora_sweep.record import TrialRecord
+
 SEED = "param.train.seed"
 ACC, PCT = "eval_accuracy", "trainable_pct"
 
@@ -276,10 +278,10 @@ def param_importances(study, metric: str = ACC) -> dict | None:
             if len({repr(t.params.get(p)) for t in done}) > 1]
     if len(vary) < 2 or len(done) < 3:
         return None
-    if len({t.user_attrs.get(metric) for t in done}) < 2:
+    if len({getattr(TrialRecord.from_trial(t), metric) for t in done}) < 2:
         return None  # every trial scored the same: fANOVA raises "zero total variance"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return optuna.importance.get_param_importances(
             study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0),
-            target=lambda t: float(t.user_attrs.get(metric, float("nan"))))
+            target=lambda t: TrialRecord.from_trial(t).figure(metric))

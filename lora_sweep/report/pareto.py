@@ -12,6 +12,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 
+from lora_sweep import record
 from lora_sweep.config import Config
 
 _SHOW = {"eval_accuracy": ("Accuracy", lambda v: f"{100 * v:.1f}%"), "eval_f1": ("F1", lambda v: f"{v:.4f}"),
@@ -25,7 +26,7 @@ def pareto_frame(config: Config, study: optuna.Study) -> pd.DataFrame:
     names = config.study.objectives
     rows = []
     for t in study.best_trials:
-        row = {"trial": t.number, "label": t.user_attrs.get("label", "")}
+        row = {"trial": t.number, "label": record.TrialRecord.from_trial(t).label}
         row.update(dict(zip(names, t.values)))
         row.update({f"param.{k}": v for k, v in t.params.items()})
         rows.append(row)
@@ -40,7 +41,7 @@ def store(config: Config, study: optuna.Study) -> tuple[pd.DataFrame, Path]:
     config.report_dir.mkdir(parents=True, exist_ok=True)
     path = config.report_dir / "pareto.csv"
     df.to_csv(path, index=False)
-    study.set_user_attr("pareto_front", [int(n) for n in df["trial"]])
+    record.set_pareto_front(study, df["trial"])
     return df, path
 
 

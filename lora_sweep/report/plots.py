@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from lora_sweep.record import TrialRecord
+
 log = logging.getLogger("lora_sweep")
 
 TITLES = {
@@ -125,7 +127,7 @@ def _optuna_plots(plt, study, metric: str, out: Path) -> list[Path]:
         return []
 
     def target(t):
-        return float(t.user_attrs.get(metric, float("nan")))
+        return TrialRecord.from_trial(t).figure(metric)
 
     written = []
     fanova = optuna.importance.FanovaImportanceEvaluator(seed=0)  # seeded: a rebuilt report matches

@@ -8,6 +8,7 @@ report +sweep=NAME` rebuilds it without training; publish() puts it on the sweep
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -17,6 +18,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from lora_sweep import record
 from lora_sweep.config import Config, ConfigError
 from lora_sweep.report.findings import complete, noise, pareto_mask, pareto_sentence, param_importances, sweep_findings
 from lora_sweep.report.plots import TITLES, write_plots
@@ -31,25 +33,31 @@ _STATUS = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialSt
 _NO_REASON = "its worker stopped sending heartbeats (killed or lost); the trial was queued again"
 
 
+# report.csv's columns before the searched params, in the order earlier versions wrote them; every
+# other field of the trial's record (lora_sweep.record) follows, then the params, the MLflow run id
+# and the epochs, so every stored figure reaches the csv.
+_FIRST = ("eval_accuracy", "eval_f1", "eval_loss", "train_loss", "trainable_params", "total_params",
+          "trainable_pct", "peak_memory_mb", "epoch_time_s", "adapter_size_mb", "train_seconds",
+          "eval_perplexity", "memory_kind")
+_LAST = ("mlflow_run_id", "epochs")
+
+
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
-    """One row per trial with every stored figure, in trial order."""
+    """One row per trial with every stored figure (each field of its TrialRecord), in trial order."""
     rows = []
     for t in study.get_trials(deepcopy=False):
-        ua = t.user_attrs
-        row = {"trial": t.number, "label": ua.get("label", ""), "status": _STATUS.get(t.state, t.state.name),
-               "error": ua.get("error", t.system_attrs.get("fail_reason", _NO_REASON))
-               if t.state == TrialState.FAIL
-               else "", "pruned_at_epoch": ua.get("pruned_at_epoch"), "device": ua.get("device", ""),
-               "pruned_at": (f"{ua.get('pruned_at_unit', 'epoch')} {ua['pruned_at_step']}"
-                             if "pruned_at_step" in ua else ""), "excluded": ua.get("excluded", "")}
-        for key in ("eval_accuracy", "eval_f1", "eval_loss", "train_loss", "trainable_params", "total_params",
-                    "trainable_pct", "peak_memory_mb", "epoch_time_s", "adapter_size_mb", "train_seconds"):
-            row[key] = ua.get(key)
-        row["eval_perplexity"] = ua.get("eval_perplexity")  # language-model tasks (lora_sweep/tasks.py)
-        row["memory_kind"] = ua.get("memory_kind", "")
+        rec = record.TrialRecord.from_trial(t)
+        fields = rec.row()
+        row = {"trial": t.number, "label": rec.label, "status": _STATUS.get(t.state, t.state.name),
+               "error": (rec.error or _NO_REASON) if t.state == TrialState.FAIL else "",
+               "pruned_at_epoch": rec.pruned_at_epoch, "device": rec.device,
+               "pruned_at": (f"{rec.pruned_at_unit or 'epoch'} {rec.pruned_at_step}"
+                             if rec.pruned_at_step is not None else ""), "excluded": rec.excluded}
+        row.update({k: fields[k] for k in _FIRST})
+        row.update({k: v for k, v in fields.items() if k not in row and k not in _LAST})
         row.update({f"param.{k}": v for k, v in t.params.items()})
-        row["mlflow_run_id"] = ua.get("mlflow_run_id", "")
-        row["epochs"] = ua.get("epochs") or []
+        row["mlflow_run_id"] = rec.mlflow_run_id
+        row["epochs"] = rec.epochs
         rows.append(row)
     df = pd.DataFrame(rows)
     return ordered(df, study) if len(df) else df
@@ -117,7 +125,7 @@ def _cell(v) -> str:
 
 
 def _facts(config: Config, study: optuna.Study, df: pd.DataFrame) -> list[tuple[str, str]]:
-    meta = study.user_attrs.get("meta", {})
+    meta = record.meta(study)
     counts = df["status"].value_counts().to_dict() if len(df) else {}
     return [
         ("Model", f"`{meta.get('model', config.base.model.name_or_path)}`"),
@@ -139,7 +147,7 @@ def _facts(config: Config, study: optuna.Study, df: pd.DataFrame) -> list[tuple[
 
 
 def _eval_size(study: optuna.Study) -> int | None:
-    size = study.user_attrs.get("meta", {}).get("eval_size")
+    size = record.meta(study).get("eval_size")
     return int(size) if isinstance(size, (int, float)) else None
 
 
@@ -235,13 +243,17 @@ def write_files(out: Path, text: str, df: pd.DataFrame) -> Path:
     tmp = md.with_suffix(".md.tmp")
     tmp.write_text(text)
     tmp.replace(md)  # a reader never sees half a report
-    csv = df.drop(columns=["epochs"], errors="ignore")
+    csv = df.assign(epochs=df["epochs"].map(_json)) if "epochs" in df else df  # the curves too, as JSON
     if len(df):
         csv = csv.assign(pareto=False)
         done = complete(df)
         csv.loc[done.index, "pareto"] = pareto_mask(done)
     csv.to_csv(out / "report.csv", index=False)
     return md
+
+
+def _json(v) -> str:
+    return json.dumps(v, separators=(",", ":"), default=str)
 
 
 def artifacts(md: Path) -> list[Path]:
@@ -262,9 +274,9 @@ def publish(config: Config, study: optuna.Study, md: Path, tracker=None) -> None
     """The report on the sweep's parent MLflow run: its description, and (tracking.log_artifacts)
     report.md, report.csv and the plots under artifacts report/. A report rebuilt later updates
     the same run. MLflow being unreachable costs the upload, not the report."""
-    from lora_sweep.tracking import PARENT_ATTR, Tracker
+    from lora_sweep.tracking import Tracker
 
-    parent = study.user_attrs.get(PARENT_ATTR)
+    parent = record.parent_run_id(study)
     if parent is None:
         return
     try:

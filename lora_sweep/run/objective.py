@@ -16,6 +16,7 @@ from pathlib import Path
 
 import optuna
 
+from lora_sweep import record
 from lora_sweep.config import Config, TrialSettings
 from lora_sweep.run.progress import Progress
 from lora_sweep.search.constraints import Excluded
@@ -66,24 +67,22 @@ class Objective:
         try:
             point = self.space.suggest(trial)
         except Excluded as e:
-            trial.set_user_attr("excluded", str(e))
-            trial.set_user_attr("label", str(e).split(":")[0])
+            record.write(trial, excluded=str(e), label=str(e).split(":")[0])
             log.info("[%d/%d] trial %d excluded, not trained: %s", self.started, self.planned, trial.number, e)
             self.progress.trial_finished()
             raise optuna.TrialPruned(f"excluded: {e}") from None
         tag = f"[{self.started}/{self.planned}] trial {trial.number} ({point.label})"
-        trial.set_user_attr("label", point.label)
+        record.write(trial, label=point.label)
         self.progress.trial_started(trial.number, point.label)
         release_memory()
-        trial.set_user_attr("memory_before_mb", round(rss_mb(), 1))  # process RSS: proves a failed trial gave it back
-        trial.set_user_attr("device", self.device)
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which worker ran it
+        record.write(trial, memory_before_mb=round(rss_mb(), 1),  # process RSS: proves a failed trial gave it back
+                     device=self.device, worker=f"{socket.gethostname()}:{os.getpid()}")  # which worker ran it
         preview = target_names(point.settings)
         params = mlflow_params(point.settings, preview)
-        trial.set_user_attr("params", {k: _jsonable(v) for k, v in params.items()})
+        record.write(trial, params={k: _jsonable(v) for k, v in params.items()})
         run_id = self.tracker.start_trial(self.parent_run_id, run_name(point), params, {
             **self.base_tags, "optuna_trial_number": trial.number, "label": point.label, "status": "running"})
-        trial.set_user_attr("mlflow_run_id", run_id)
+        record.write(trial, mlflow_run_id=run_id)
         log.info("%s: r=%s lora_alpha=%s target_modules=%s lora_dropout=%s bias=%s", tag, point.settings.lora.r,
                  point.settings.lora.effective_alpha, ",".join(preview) or point.settings.lora.target_modules,
                  point.settings.lora.lora_dropout, point.settings.lora.bias)
@@ -101,10 +100,8 @@ class Objective:
             if value is not None and report:
                 trial.report(value, step=step)
                 if trial.should_prune():
-                    trial.set_user_attr("pruned_at_step", step)
-                    trial.set_user_attr("pruned_at_unit", unit)
-                    if unit == "epoch":
-                        trial.set_user_attr("pruned_at_epoch", step)
+                    record.write(trial, pruned_at_step=step, pruned_at_unit=unit,
+                                 pruned_at_epoch=step if unit == "epoch" else None)
                     raise optuna.TrialPruned(f"pruned after {unit} {step}: {self.config.study.metric}={value:.4f}")
 
         try:
@@ -115,10 +112,10 @@ class Objective:
                 if result.adapter_dir is not None:
                     self.tracker.log_artifacts(run_id, result.adapter_dir, "adapter")
         except optuna.TrialPruned as e:
-            ua = trial.user_attrs
-            self.tracker.set_tags(run_id, {"status": "pruned", "pruned_at_step": ua.get("pruned_at_step", ""),
-                                           "pruned_at_unit": ua.get("pruned_at_unit", ""),
-                                           "pruned_at_epoch": ua.get("pruned_at_epoch", ""), "reason": str(e)})
+            rec = record.TrialRecord.from_user_attrs(trial.user_attrs)
+            self.tracker.set_tags(run_id, {"status": "pruned", **{k: "" if v is None else v for k, v in (
+                ("pruned_at_step", rec.pruned_at_step), ("pruned_at_unit", rec.pruned_at_unit),
+                ("pruned_at_epoch", rec.pruned_at_epoch))}, "reason": str(e)})
             self.tracker.finish_trial(run_id, "pruned")
             self.progress.trial_finished()
             log.info("%s pruned: %s", tag, e)
@@ -127,19 +124,15 @@ class Objective:
             error = failure_reason(e)
             e.__traceback__ = None  # the frames hold the trial's tensors: let them go now, not at the next trial
             release_memory()
-            trial.set_user_attr("error", error)
-            trial.set_user_attr("memory_after_mb", round(rss_mb(), 1))
+            record.write(trial, error=error, memory_after_mb=round(rss_mb(), 1))
             self.tracker.set_tags(run_id, {"status": "failed", "error": error})
             self.tracker.finish_trial(run_id, "killed" if isinstance(e, KeyboardInterrupt) else "failed")
             self.progress.trial_finished()
             log.warning("%s failed: %s", tag, error)
             raise
         final = {k: result.metrics[k] for k in RESULT_KEYS + LM_RESULT_KEYS if k in result.metrics}
-        for k, v in final.items():
-            trial.set_user_attr(k, v)
-        trial.set_user_attr("epochs", result.epochs)
-        trial.set_user_attr("memory_kind", result.memory_kind)
-        trial.set_user_attr("batch_shapes", result.batch_shapes)
+        record.write(trial, **final, epochs=result.epochs, memory_kind=result.memory_kind,
+                     batch_shapes=result.batch_shapes)
         self.tracker.log_metrics(run_id, final, step=result.steps[-1] if result.steps else len(result.epochs))
         self.tracker.set_tags(run_id, {"status": "complete", "memory_kind": result.memory_kind})
         self.tracker.finish_trial(run_id, "complete")

@@ -20,7 +20,7 @@ import optuna
 from optuna.trial import TrialState
 
 import lora_sweep
-from lora_sweep import report
+from lora_sweep import record, report
 from lora_sweep.trial import adapters
 from lora_sweep.trial import data
 from lora_sweep.trial import environment
@@ -36,7 +36,6 @@ from lora_sweep.search.space import SearchSpace
 from lora_sweep.search.samplers import make_pruner, make_sampler, sampler_name
 from lora_sweep.search.study import (QueueEmpty, budget_callbacks, create_study, enqueue_warm_start, fail_orphans,
                                      queue_study, resume, warm_start_points)
-from lora_sweep.tracking import PARENT_ATTR
 
 LAUNCHED_ENV = "LORA_SWEEP_LAUNCHER"  # set by workers.launch for the workers it starts
 
@@ -111,14 +110,14 @@ def _run(config: Config, space: SearchSpace, sampler: str, device: str, orphans:
                         ", ".join(map(str, stale)))
         n = resume(config, space, study)
         tracker = parent = None
-        if n > 0 or PARENT_ATTR in study.user_attrs:
+        if n > 0 or record.parent_run_id(study) is not None:
             from lora_sweep.tracking import Tracker
 
             tracker = Tracker(config.tracking_uri, config.experiment_name,
                               config.paths.sweeps_dir / "mlartifacts")
             meta = _meta(config, sampler, device)
-            if "meta" not in study.user_attrs:
-                study.set_user_attr("meta", meta)
+            if not record.has_meta(study):
+                record.set_meta(study, meta)
             parent = tracker.parent_run(study, f"sweep {config.study.name}", {
                 "study_name": config.study.name, "sampler": sampler, "device": meta["device"],
                 "git_commit": meta["git_commit"]}, reopen=n > 0)
@@ -180,7 +179,7 @@ def _run(config: Config, space: SearchSpace, sampler: str, device: str, orphans:
                 tracker.finish_parent(parent, status)
         timings["report_s"] = time.perf_counter() - t0
     if not os.environ.get(LAUNCHED_ENV):  # where this process's time went (lora_sweep.bench reads it)
-        study.set_user_attr("timings", timings)
+        record.set_timings(study, timings)
     print(report.summary(config, study), flush=True)
     if config.study.multi_objective:
         front, path = pareto.store(config, study)

@@ -9,6 +9,7 @@ import optuna
 from optuna.trial import TrialState
 
 from lora_sweep.config import Config, ConfigError
+from lora_sweep.record import TrialRecord, write_to_storage
 from lora_sweep.search.space import SearchSpace
 from lora_sweep.config.urls import redact
 from lora_sweep.search.samplers import make_pruner, make_sampler, sampler_name
@@ -98,7 +99,7 @@ def enqueue_warm_start(config: Config, space: SearchSpace, study: optuna.Study) 
         return 0
     points = warm_start_points(config, space)
     for params in points:
-        study.enqueue_trial(params, user_attrs={"warm_start": True}, skip_if_exists=True)
+        study.enqueue_trial(params, user_attrs=TrialRecord(warm_start=True).to_user_attrs(), skip_if_exists=True)
     return len(points)
 
 
@@ -209,8 +210,8 @@ def fail_orphans(study: optuna.Study) -> list[int]:
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         try:  # the reason first: a finished trial takes no more attributes
-            study._storage.set_trial_user_attr(t._trial_id, "error", "worker died mid-trial (found RUNNING "
-                                               "when its sweep started again)")
+            write_to_storage(study._storage, t._trial_id, error="worker died mid-trial (found RUNNING "
+                                                                "when its sweep started again)")
             if study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
                 failed.append(t.number)
         except optuna.exceptions.UpdateFinishedTrialError:

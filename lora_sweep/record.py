@@ -1,0 +1,151 @@
+"""One trial's stored record, and the study's own stored attributes: the one place that knows their keys.
+
+The objective writes a TrialRecord's fields as Optuna trial user attributes, as it goes (write():
+a trial that dies midway keeps what it had); the report, findings, plots, Pareto front, combined
+reports and the benchmarks read them back with TrialRecord.from_trial. The keys are the field names,
+the same as every earlier version stored, so an older study still reads: a key it lacks reads as
+the field's default (None for a figure), a key this version does not know is ignored.
+
+The study-level attributes (the sweep's meta, its timings, the MLflow parent run, the Pareto front)
+have small accessors below, for the same reason.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, dataclass, field, fields, replace
+
+_NAN = float("nan")
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """What one trial stores. Figures are None where the trial never produced them (excluded,
+    pruned, failed, or written by a version that did not store them)."""
+
+    # who and where (written when the trial starts)
+    label: str = ""                          # the point's label: "r=8", "qkvo, bias=all", ...
+    excluded: str = ""                       # an `exclude` rule's message: the point was never trained
+    warm_start: bool = False                 # enqueued by study.warm_start
+    device: str = ""                         # cpu | cuda
+    worker: str = ""                         # host:pid of the process that ran it
+    memory_before_mb: float | None = None    # process RSS at the trial's start (after releasing memory)
+    params: dict = field(default_factory=dict)  # the MLflow params (LoraConfig / TrainingArguments names)
+    mlflow_run_id: str = ""
+    # results (lora_sweep.trial.runner's RESULT_KEYS and LM_RESULT_KEYS)
+    eval_accuracy: float | None = None
+    eval_loss: float | None = None
+    eval_f1: float | None = None
+    eval_perplexity: float | None = None     # language-model tasks only
+    train_loss: float | None = None          # mean training loss over the run's optimizer steps
+    trainable_params: int | None = None
+    total_params: int | None = None
+    trainable_pct: float | None = None
+    peak_memory_mb: float | None = None
+    epoch_time_s: float | None = None        # mean seconds per epoch of training, evaluations excluded
+    adapter_size_mb: float | None = None     # only when the adapter was saved
+    train_seconds: float | None = None       # the run's wall time less its evaluations
+    eval_seconds: float | None = None        # evaluations (and generation, and reporting) during the run
+    epochs: list = field(default_factory=list)        # eval metrics of each evaluation
+    memory_kind: str = ""                             # what peak_memory_mb measures (lora_sweep.report)
+    batch_shapes: dict = field(default_factory=dict)  # "BxL" -> training batches of that padded shape
+    # how it ended, when not complete
+    error: str | None = None                 # a failed trial's reason
+    memory_after_mb: float | None = None     # process RSS after a failed trial released its memory
+    pruned_at_step: int | None = None        # the epoch or optimizer step it was pruned after ...
+    pruned_at_unit: str | None = None        # ... "epoch" or "step"
+    pruned_at_epoch: int | None = None       # the same, when the unit is an epoch
+
+    @classmethod
+    def from_user_attrs(cls, attrs: dict) -> "TrialRecord":
+        """The record stored as these user attributes: missing keys take defaults, unknown ones are ignored."""
+        return cls(**{k: attrs[k] for k in _NAMES if k in attrs})
+
+    @classmethod
+    def from_trial(cls, trial) -> "TrialRecord":
+        """A stored (frozen) trial's record. A trial that Optuna itself failed (its heartbeat stopped) has
+        no error attribute; its reason, if Optuna gave one, stands in."""
+        record = cls.from_user_attrs(trial.user_attrs)
+        reason = trial.system_attrs.get("fail_reason")
+        return replace(record, error=reason) if record.error is None and reason is not None else record
+
+    def to_user_attrs(self) -> dict:
+        """The fields that differ from their defaults, under their stored keys (what never happened is
+        not stored: an excluded trial has no epoch_time_s)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != _default(f)}
+
+    def figure(self, name: str) -> float:
+        """A numeric field as a float, NaN when absent (Optuna's importance and plot targets)."""
+        if name not in _NAMES:
+            raise KeyError(f"a trial record has no field {name!r}")
+        value = getattr(self, name)
+        return _NAN if value is None else float(value)
+
+    def row(self) -> dict:
+        """Every field, for a table row (report.csv): containers as compact JSON, so the csv keeps them."""
+        return {name: (json.dumps(v, separators=(",", ":"), default=str) if isinstance(v, (dict, list)) else v)
+                for name in _NAMES for v in (getattr(self, name),)}
+
+
+_NAMES = tuple(f.name for f in fields(TrialRecord))
+FIELDS = _NAMES  # the stored keys, in the record's order
+
+
+def _default(f):
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def write(trial, **values) -> None:
+    """Store these fields of a running trial's record now (a name the record lacks raises TypeError)."""
+    for key, value in TrialRecord(**values).to_user_attrs().items():
+        trial.set_user_attr(key, value)
+
+
+def write_to_storage(storage, trial_id: int, **values) -> None:
+    """The same, straight into a storage (for a trial whose worker is gone)."""
+    for key, value in TrialRecord(**values).to_user_attrs().items():
+        storage.set_trial_user_attr(trial_id, key, value)
+
+
+# -- the study's own attributes ----------------------------------------------------------------
+
+PARENT_ATTR = "mlflow_parent_run_id"  # the sweep's MLflow parent run, shared by every worker
+_META, _TIMINGS, _PARETO = "meta", "timings", "pareto_front"
+
+
+def meta(study) -> dict:
+    """What the sweep ran on (model, data, sizes, device, sampler, space, command, versions); {} if unknown."""
+    return dict(study.user_attrs.get(_META) or {})
+
+
+def set_meta(study, value: dict) -> None:
+    study.set_user_attr(_META, value)
+
+
+def has_meta(study) -> bool:
+    return _META in study.user_attrs
+
+
+def timings(study) -> dict:
+    """Where the last sweep process's time went: startup_s, preflight_s, setup_s, trials_s, report_s."""
+    return dict(study.user_attrs.get(_TIMINGS) or {})
+
+
+def set_timings(study, value: dict) -> None:
+    study.set_user_attr(_TIMINGS, value)
+
+
+def parent_run_id(study) -> str | None:
+    return study.user_attrs.get(PARENT_ATTR)
+
+
+def set_parent_run_id(study, run_id: str) -> None:
+    study.set_user_attr(PARENT_ATTR, run_id)
+
+
+def pareto_front(study) -> list[int]:
+    return list(study.user_attrs.get(_PARETO) or [])
+
+
+def set_pareto_front(study, numbers) -> None:
+    study.set_user_attr(_PARETO, [int(n) for n in numbers])
