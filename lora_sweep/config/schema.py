@@ -12,7 +12,8 @@ from lora_sweep.config.checks import (ConfigError, _bool, _build, _is_number, _n
 from lora_sweep.config.names import (BIAS_CHOICES, COMPUTE_DTYPES, COST_OBJECTIVES, DEVICES, DIRECTIONS,
                                      METRIC_DIRECTIONS, MIXED_PRECISION, PRUNER_NAMES, QUANT_TYPES,
                                      SAMPLER_NAMES, SAMPLING_STRATEGIES, TASK_TYPES)
-from lora_sweep.config.urls import check_url
+from lora_sweep.config.paths import check_local
+from lora_sweep.config.urls import check_tracking_uri, check_url
 
 
 
@@ -29,6 +30,8 @@ class ModelConfig:
     def validate(self) -> None:
         _require(isinstance(self.name_or_path, str) and self.name_or_path,
                  "model.name_or_path", self.name_or_path, "a hub id, a local folder or pkg://PACKAGE/PATH")
+        check_local("model.name_or_path", self.name_or_path, "an existing model folder (config.json and "
+                    "weights) or .gguf file, pkg://PACKAGE/PATH inside an installed package, or a hub id")
         _one_of("model.bnb_4bit_quant_type", self.bnb_4bit_quant_type, QUANT_TYPES)
         _one_of("model.bnb_4bit_compute_dtype", self.bnb_4bit_compute_dtype, COMPUTE_DTYPES)
         _bool("model.load_in_4bit", self.load_in_4bit)
@@ -57,6 +60,8 @@ class DataConfig:
     def validate(self) -> None:
         _require(isinstance(self.name_or_path, str) and self.name_or_path, "data.name_or_path",
                  self.name_or_path, "a local csv/json/jsonl/parquet file, pkg://PACKAGE/PATH or a dataset name")
+        check_local("data.name_or_path", self.name_or_path, "an existing csv/json/jsonl/parquet file, "
+                    "pkg://PACKAGE/PATH inside an installed package, or a dataset name")
         for name in ("train_size", "eval_size", "max_length"):
             _positive_int(f"data.{name}", getattr(self, name))
         if self.generate_size is not None:
@@ -238,6 +243,10 @@ class TrackingConfig:
     uri: str | None = None
     experiment_name: str | None = None
     log_artifacts: bool = True
+
+    def validate(self) -> None:
+        if self.uri is not None:
+            check_tracking_uri(self.uri)
 
 
 @dataclass(frozen=True)

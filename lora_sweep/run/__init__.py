@@ -6,7 +6,7 @@ from __future__ import annotations
 
 def sweep_or_launch(config):
     """Run the sweep here (study.workers=1) and return its study, or start the workers and return
-    their exit status."""
+    their exit status (or the study, when one worker runs in this process)."""
     if config.study.workers != 1:
         from lora_sweep.run.workers import launch
         from lora_sweep.search.samplers import sampler_name

@@ -52,6 +52,7 @@ def preflight(config: Config, space: SearchSpace) -> str:
         except ConfigError as e:
             where = f" (in the search space, at {dict(point.values)})" if point.values else ""
             raise ConfigError(f"{e}{where}") from None
+    checked = set()
     for point in points:
         s = point.settings
         labels = data.load_splits(s.data).labels
@@ -59,6 +60,9 @@ def preflight(config: Config, space: SearchSpace) -> str:
             continue  # needs CUDA; on a CPU the trial itself records why it cannot run
         base = models.load_base(s.model, labels, s.train.seed, s.lora.task_type)
         adapters.resolve_targets(s.lora.target_modules, base.model)
+        if (s.model, labels, s.lora) not in checked:  # peft's verdict, on a copy as a trial applies it
+            checked.add((s.model, labels, s.lora))
+            adapters.check_lora(s.lora, models.fresh_copy(base), varied=tuple(point.values))
     return device
 
 

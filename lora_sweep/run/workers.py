@@ -85,12 +85,11 @@ def worker_args(argv: list[str], url: str) -> list[str]:
     return [*kept, "study.workers=1", f"study.storage={quoted}"]
 
 
-def launch(config: Config, space: SearchSpace) -> int:
+def launch(config: Config, space: SearchSpace):
     slots = plan(config.study.workers, visible_gpus(), sorted(os.sched_getaffinity(0)))
     if len(slots) == 1:  # auto on a CPU-only machine: one worker using every core, in this process
         single = dataclasses.replace(config, study=dataclasses.replace(config.study, workers=1))
-        run_sweep(single)
-        return 0
+        return run_sweep(single)  # its study: the CLI's exit code reads whether any trial completed
     preflight(config, space)  # a bad space fails here, once, before anything is written
     url = config.storage_url
     owner = None

@@ -117,6 +117,57 @@ def apply_lora(model: nn.Module, settings: LoraSettings, *, quantized: bool = Fa
     return get_peft_model(model, lora_config(settings, targets)), targets
 
 
+def check_lora(settings: LoraSettings, model: nn.Module, varied=()) -> None:
+    """peft's own verdict on these settings, before any trial: LoraConfig built and applied to
+    `model` (a copy this call may spend) as a trial will, and a ConfigError naming the field if
+    peft rejects them (an init_lora_weights it does not know fails only when applied). varied: the
+    parameter paths this point of the space sets, the first suspects."""
+    import peft
+
+    try:
+        apply_lora(model, settings)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, NotImplementedError, KeyError) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        field = _culprit(settings, varied, reason)
+        value = getattr(settings, field.split(".", 1)[1])
+        shown = str(value).lower() if isinstance(value, bool) else value
+        raise ConfigError(f"{field}={shown}: peft {peft.__version__} rejects it ({reason}); "
+                          f"{_allowed(field)}") from None
+
+
+def _culprit(settings: LoraSettings, varied, reason: str) -> str:
+    """The lora.* field to blame: the one this point of the space varies, else the first that
+    peft's message names (by field name, then by value), else lora.init_lora_weights."""
+    from dataclasses import fields
+
+    names = [f.name for f in fields(settings)]
+    lora_varied = [p for p in varied if p.startswith("lora.") and p.split(".", 1)[1] in names]
+    if len(lora_varied) == 1:
+        return lora_varied[0]
+    text = reason.lower()
+    named = sorted((text.find(n.lower()), n) for n in names if n.lower() in text)
+    if named:
+        return f"lora.{named[0][1]}"
+    by_value = [n for n in names if isinstance(getattr(settings, n), str) and getattr(settings, n).lower() in text]
+    return f"lora.{(by_value or ['init_lora_weights'])[0]}"
+
+
+def _allowed(field: str) -> str:
+    """What peft's LoraConfig declares for the field (its Literal values), or where to look."""
+    import dataclasses
+
+    from peft import LoraConfig
+
+    declared = {f.name: str(f.type) for f in dataclasses.fields(LoraConfig)}.get(field.split(".", 1)[1], "")
+    values = re.findall(r"'([^']+)'", declared) if "Literal" in declared else []
+    if values:
+        head = "true, false, " if "bool" in declared else ""
+        return f"allowed: {head}{', '.join(values)} (peft's LoraConfig)"
+    return f"see peft's LoraConfig for what {field.split('.', 1)[1]} accepts, or change this value"
+
+
 def parameter_counts(peft_model) -> tuple[int, int]:
     """(trainable, total) as peft counts them: 4-bit packed weights count at their real size."""
     return peft_model.get_nb_trainable_parameters()
