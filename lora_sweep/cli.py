@@ -68,6 +68,14 @@ def normalise_argv(args: list[str]) -> list[str]:
     return out
 
 
+# The warnings a sweep prints that a user can do nothing about, each by its message; any other
+# warning (a new one after an upgrade, one of ours) still reaches the user.
+QUIET_WARNINGS = (
+    # peft's get_peft_model reads transformers' deprecated alias, once per trial
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated", r"transformers\.modeling_utils"),
+)
+
+
 def quiet_third_party() -> None:
     """Keep our progress lines readable: library chatter a user does not need goes."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -84,8 +92,8 @@ def quiet_third_party() -> None:
     log.setLevel(logging.INFO)
     for noisy in ("transformers", "datasets", "peft", "mlflow", "alembic", "urllib3", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    for category, message, module in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
     import optuna
     import transformers
 

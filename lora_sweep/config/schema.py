@@ -131,6 +131,7 @@ class TrainConfig:
     seed: int = 42
     save_adapter: bool = True
     fast_dropout: bool = True      # CPU: dropout masks from numpy's SFC64 (lora_sweep/dropout.py)
+    fast_attention: bool = True    # with fast_dropout: attention-probability masks too (trial/dropout.py)
     eval_steps: int | None = None  # null: evaluate (and report to the pruner) every epoch; N: every N steps
 
     def validate(self) -> None:
@@ -149,6 +150,7 @@ class TrainConfig:
         _one_of("train.device", self.device, DEVICES)
         _bool("train.save_adapter", self.save_adapter)
         _bool("train.fast_dropout", self.fast_dropout)
+        _bool("train.fast_attention", self.fast_attention)
         if self.eval_steps is not None:
             _positive_int("train.eval_steps", self.eval_steps)
 

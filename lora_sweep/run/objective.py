@@ -40,6 +40,7 @@ def mlflow_params(settings: TrialSettings, targets: tuple) -> dict:
         "per_device_train_batch_size": tr.per_device_train_batch_size, "seed": tr.seed,
         "lr_scheduler_type": tr.lr_scheduler_type, "warmup_steps": tr.warmup_steps,
         "train_sampling_strategy": tr.train_sampling_strategy, "fast_dropout": tr.fast_dropout,
+        "fast_attention": tr.fast_attention,
         "model_name_or_path": settings.model.name_or_path, "load_in_4bit": settings.model.load_in_4bit,
         "dataset": settings.data.name_or_path, "train_size": settings.data.train_size,
         "eval_size": settings.data.eval_size, "max_length": settings.data.max_length,

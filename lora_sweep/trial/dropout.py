@@ -1,41 +1,39 @@
 """Dropout whose random mask is cheap on a CPU: same distribution as nn.Dropout, a fifth of the cost.
 
-Why: profiling a MiniLM LoRA training step on the CPU (torch.profiler, 20 steps of r=16 q/k/v/o,
-batch 32) put 25% of all CPU time in `aten::bernoulli_`, the mask draw of nn.Dropout: torch's CPU
-generator is a single mt19937 stream, drawn serially at about 4 ns per element, as costly as the
-matmul the mask sits next to. A LoRA model draws many masks: BERT's own hidden dropouts plus one
-per adapted module (peft's `lora_dropout`, applied to the module's input).
+Why: torch's CPU mask draw (`aten::bernoulli_`, one serial mt19937 stream) costs as much as the
+matmul the mask sits next to, and a LoRA model draws many masks (measurements: reports/bench/README.md).
 
-FastDropout draws the mask from numpy's SFC64 bit generator instead (32 random bits per element,
-about 1 ns), compares against round(p * 2**32) (a keep probability exact to 2**-32, finer than
-torch's 24-bit float uniforms), and scales the kept values by 1/(1-p), as nn.Dropout does. Each
-mask's seed is drawn from torch's default generator, so `transformers.set_seed` makes the masks,
-and the trial, reproducible, and activation checkpointing (which restores torch's RNG state) redraws
-the same mask. The backward pass keeps the 1-byte mask. torch's dropout on a CPU keeps its float
-noise tensor instead (4 bytes an element; only its fused CUDA kernel keeps a bool mask), so peak
-memory is lower with these masks: one r=16 MiniLM epoch, 1807 MB against 2082 MB with
-train.fast_dropout=false. The masks differ from torch's bit for bit, not in distribution (keep
-rate and independence checked); given torch's own bits, a swapped model trains exactly as the
-original (test_dropout.py). Mean accuracy, MiniLM rank sweep: r=8 over seeds 42-44, 86.5% against
-86.1% with torch's masks; r=16 over seeds 42-70, 86.9% against 87.1% (paired t = 1.2, 16 of 29
-seeds lower, 12 higher; README, "Accuracy over seeds").
+FastDropout draws the mask from numpy's SFC64 bit generator instead (32 random bits per element),
+compares against round(p * 2**32) (a keep probability exact to 2**-32, finer than torch's 24-bit
+float uniforms), and scales the kept values by 1/(1-p), as nn.Dropout does. Each mask's seed is
+drawn from torch's default generator, so `transformers.set_seed` makes the masks, and the trial,
+reproducible, and activation checkpointing (which restores torch's RNG state) redraws the same mask.
+The backward pass keeps the 1-byte mask, where torch's CPU dropout keeps a 4-byte noise tensor, so
+peak memory is lower. The masks differ from torch's bit for bit, not in distribution (keep rate and
+independence checked); given torch's own bits, a swapped model trains exactly as the original
+(test_dropout.py).
 
 Attention-probability dropout does not go through an nn.Dropout module: transformers passes its p to
 the attention function, and on a CPU torch's SDPA then takes its math path and draws the mask with
-bernoulli_ (measured here: 7% of a MiniLM step at 60 tokens, ~50 ms a step). `use_fast_dropout`
+bernoulli_, the same serial draw. With train.fast_attention (the default), `use_fast_dropout`
 therefore also switches a model from "sdpa" to ATTENTION, registered through transformers'
 AttentionInterface: the same math with FastDropout's mask in training on a CPU, and transformers'
-own SDPA function, unchanged, everywhere else (evaluation, GPUs, p = 0, causal masks left to SDPA).
+own SDPA function everywhere else (evaluation, GPUs, p = 0, causal masks, and any argument the fast
+path does not take).
 
 Only CPU tensors take these paths; CUDA's Philox dropout is already fast. `train.fast_dropout=false`
-keeps torch's own dropout everywhere.
+keeps torch's own dropout everywhere; `train.fast_attention=false` keeps SDPA's attention dropout.
 """
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from torch import nn
+
+log = logging.getLogger("lora_sweep")
 
 
 def _keep_mask(numel: int, p: float) -> np.ndarray:
@@ -76,8 +74,13 @@ class FastDropout(nn.Dropout):
 
 
 ATTENTION = "lora_sweep_sdpa"
-# Arguments of transformers' SDPA function that the fast path does not implement: SDPA handles them.
-_SDPA_ONLY = ("softcap", "position_bias", "cache", "sliding_window", "s_aux", "is_causal")
+# The only keyword arguments the fast path takes with a value: ones transformers' SDPA function never
+# reads, so ignoring them computes what SDPA computes (the Trainer passes num_items_in_batch down to
+# every layer). Any other argument that is not None (is_causal, position_bias, softcap,
+# sliding_window, output_attentions, one a later transformers adds) goes to SDPA.
+_UNREAD_BY_SDPA = frozenset({"num_items_in_batch", "position_ids", "encoder_hidden_states", "output_hidden_states",
+                             "output_router_logits", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                             "max_length_k", "seq_idx"})
 
 
 def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -86,15 +89,15 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
     """transformers' attention-function signature (q, k, v: batch x heads x length x head_dim).
     Training with dropout on a CPU: softmax(q k^T * scaling + mask) with FastDropout's mask, then
     times v, which is what SDPA's math path computes there. Anything else: transformers' SDPA."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     plain = (module.training and dropout > 0.0 and query.device.type == "cpu"
              and key.shape[1] == query.shape[1]  # grouped-query attention: SDPA repeats the heads
              and not (attention_mask is None and getattr(module, "is_causal", False))
-             and all(kwargs.get(k) is None for k in _SDPA_ONLY))
-    if not plain:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+             and all(v is None for k, v in kwargs.items() if k not in _UNREAD_BY_SDPA))
+    if not plain:  # the function the model had before the swap (use_fast_dropout swaps only "sdpa")
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
+                                               scaling=scaling, **kwargs)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query, key.transpose(-2, -1)) * scaling
     if attention_mask is not None:  # SDPA's masks: bool (True = attend) or additive floats
@@ -123,17 +126,26 @@ def _register_attention() -> None:
     AttentionMaskInterface.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
-def use_fast_dropout(model: nn.Module) -> int:
+_announced = False  # the attention swap is logged once per process (once per sweep, or per worker)
+
+
+def use_fast_dropout(model: nn.Module, attention: bool = True) -> int:
     """Swap every nn.Dropout with p > 0 in `model` (its own and peft's lora_dropout) for a
-    FastDropout of the same p, in place, and move a transformers model that attends with "sdpa"
-    to ATTENTION (its attention-probability dropout). Returns how many modules were swapped."""
+    FastDropout of the same p, in place, and, with `attention` (train.fast_attention), move a
+    transformers model that attends with "sdpa" to ATTENTION (its attention-probability dropout).
+    Returns how many modules were swapped."""
+    global _announced
     from transformers import PreTrainedModel
 
     pretrained = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
-    if (pretrained is not None and pretrained.config._attn_implementation == "sdpa"
+    if (attention and pretrained is not None and pretrained.config._attn_implementation == "sdpa"
             and _attention_dropout(pretrained.config) > 0):  # otherwise ATTENTION would only call SDPA
         _register_attention()
         pretrained.set_attn_implementation(ATTENTION)
+        if not _announced:
+            _announced = True
+            log.info("Attention dropout on the CPU: numpy masks through the %r attention function in place of "
+                     "sdpa (train.fast_attention=false keeps sdpa)", ATTENTION)
     swapped = 0
     for parent in model.modules():
         for name, child in list(parent.named_children()):

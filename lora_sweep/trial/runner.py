@@ -47,7 +47,7 @@ def run_trial(settings: TrialSettings, device: str, on_epoch: Callable[[int, dic
             peft_model, targets = adapters.apply_lora(model, settings.lora,
                                                       quantized=settings.model.load_in_4bit)
             if settings.train.fast_dropout and device == "cpu":
-                use_fast_dropout(peft_model)  # the model's own dropouts and peft's lora_dropout
+                use_fast_dropout(peft_model, attention=settings.train.fast_attention)
             trainable, total = adapters.parameter_counts(peft_model)
             t0 = time.perf_counter()
             outcome = train(peft_model, base.tokenizer, splits.train, splits.eval, settings.train, device,

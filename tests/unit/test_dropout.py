@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -259,9 +260,10 @@ def test_attention_leaves_every_other_case_to_transformers_sdpa(case):
         calls.append(1)
         return sdpa_attention_forward(*args, **kw)
 
-    import transformers.integrations.sdpa_attention as sdpa_module
-    original = sdpa_module.sdpa_attention_forward
-    sdpa_module.sdpa_attention_forward = spy
+    from transformers import AttentionInterface
+
+    original = sdpa_attention_forward
+    AttentionInterface.register("sdpa", spy)
     try:
         if case == "softcap":  # transformers' SDPA refuses softcap: the refusal must reach the user
             with pytest.raises(ValueError, match="softcap"):
@@ -273,8 +275,96 @@ def test_attention_leaves_every_other_case_to_transformers_sdpa(case):
             expected, _ = original(module, q, k, v, None, dropout=dropout, **kwargs)
             assert torch.equal(out, expected)
     finally:
-        sdpa_module.sdpa_attention_forward = original
+        AttentionInterface.register("sdpa", original)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("argument", ["position_bias", "is_causal", "head_mask", "sliding_window",
+                                      "a_future_argument"])
+def test_an_attention_argument_the_fast_path_does_not_take_gets_transformers_own_sdpa(argument):
+    """In training on a CPU with dropout, the one case the fast path computes, any keyword it does not
+    name must reach the function the model had (SDPA): its output, with torch's own dropout mask."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from lora_sweep.trial.dropout import attention
+
+    q, k, v = _qkv()
+    value = {"position_bias": torch.randn(1, 3, 6, 6, generator=torch.Generator().manual_seed(1)),
+             "is_causal": True, "head_mask": torch.ones(3), "sliding_window": 2,
+             "a_future_argument": torch.ones(2)}[argument]
+    keep_keys = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])[:, None, None, :]
+    args = (_module(True), q, k, v, keep_keys)
+    torch.manual_seed(3)
+    ours, _ = attention(*args, dropout=0.1, scaling=0.5, **{argument: value})
+    torch.manual_seed(3)
+    theirs, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](*args, dropout=0.1, scaling=0.5, **{argument: value})
+    assert torch.equal(ours, theirs)
+    torch.manual_seed(3)
+    fast, _ = attention(*args, dropout=0.1, scaling=0.5)  # the probe: without it, our masks
+    assert not torch.equal(fast, theirs)
+
+
+def test_a_bert_forward_passes_only_arguments_the_fast_path_takes():
+    """The default sweep's model must keep the fast path: what BERT hands the attention function in
+    training, called as transformers' Trainer calls it (num_items_in_batch goes down to every layer),
+    is none but the arguments the fast path takes (others would send it to SDPA)."""
+    from transformers import AttentionInterface, BertConfig, BertForSequenceClassification
+
+    import lora_sweep.trial.dropout as dropout
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        num_labels=2))
+    use_fast_dropout(model)
+    seen = []
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.append({k for k, v in kwargs.items() if v is not None} - {"dropout", "scaling"})
+        return dropout.attention(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(dropout.ATTENTION, spy)
+    try:
+        model.train()
+        mask = torch.ones(2, 5, dtype=torch.long)
+        mask[1, 3:] = 0
+        model(input_ids=torch.randint(0, 100, (2, 5)), attention_mask=mask, labels=torch.tensor([0, 1]),
+              num_items_in_batch=torch.tensor(2))
+    finally:
+        AttentionInterface.register(dropout.ATTENTION, dropout.attention)
+    assert seen and all("num_items_in_batch" in s for s in seen)  # checks the probe
+    assert all(s <= dropout._UNREAD_BY_SDPA for s in seen)
+
+
+def test_fast_attention_off_swaps_the_masks_but_keeps_sdpa_and_on_says_so_once(caplog, monkeypatch):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    import lora_sweep.trial.dropout as dropout
+
+    monkeypatch.setattr(dropout, "_announced", False)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        num_labels=2))
+    off, on, again = (copy.deepcopy(model) for _ in range(3))
+    with caplog.at_level(logging.INFO, logger="lora_sweep"):
+        assert use_fast_dropout(off, attention=False) > 0
+        assert off.config._attn_implementation == "sdpa" and not caplog.records
+        assert any(type(m) is FastDropout for m in off.modules())
+        use_fast_dropout(on)
+        use_fast_dropout(again)
+    assert on.config._attn_implementation == again.config._attn_implementation == dropout.ATTENTION
+    assert [r.getMessage() for r in caplog.records if r.name == "lora_sweep"] == [
+        f"Attention dropout on the CPU: numpy masks through the {dropout.ATTENTION!r} attention function "
+        f"in place of sdpa (train.fast_attention=false keeps sdpa)"]
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_train_fast_attention_must_be_a_bool(make_config, value):
+    from lora_sweep.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.fast_attention must be true or false"):
+        make_config({}, train={"fast_attention": value})
 
 
 def test_a_swapped_bert_draws_no_torch_masks_in_training_and_its_original_keeps_sdpa():

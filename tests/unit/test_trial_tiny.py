@@ -247,6 +247,33 @@ def test_fast_dropout_trains_as_well_as_torch_dropout_with_its_own_masks(setting
     assert fast["trainable_params"] == torch_dropout["trainable_params"]
 
 
+@pytest.mark.parametrize("fast_dropout, fast_attention, masks, attention", [
+    (True, True, True, True), (True, False, True, False), (False, True, False, False)])
+def test_what_run_trial_swaps_under_fast_dropout_and_fast_attention(settings, monkeypatch, fast_dropout,
+                                                                    fast_attention, masks, attention):
+    """fast_dropout=false: no swapped masks at all, whatever fast_attention says."""
+    import dataclasses
+
+    from transformers import PreTrainedModel
+
+    from lora_sweep.trial import runner
+    from lora_sweep.trial.dropout import ATTENTION, FastDropout
+
+    class Trained(Exception):
+        pass
+
+    def inspect(model, *args, **kwargs):  # stands in for training: what model would it train?
+        config = next(m for m in model.modules() if isinstance(m, PreTrainedModel)).config
+        raise Trained(any(type(m) is FastDropout for m in model.modules()), config._attn_implementation)
+
+    monkeypatch.setattr(runner, "train", inspect)
+    chosen = dataclasses.replace(settings, train=dataclasses.replace(
+        settings.train, fast_dropout=fast_dropout, fast_attention=fast_attention))
+    with pytest.raises(Trained) as seen:
+        run_trial(chosen, "cpu", lambda *a: None)
+    assert seen.value.args == (masks, ATTENTION if attention else "sdpa")
+
+
 def test_evaluation_reads_the_length_ordered_split_in_order(assets, tmp_path):
     """transformers 5 would regroup eval batches at random under group_by_length; ours stay in order."""
     import datasets
