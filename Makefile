@@ -16,7 +16,7 @@ setup: $(VENV)/.installed
 # needed, since transformers reads the file through the `gguf` package (a project dependency).
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=77"  # tests build the wheel without build isolation
 	@if nvidia-smi -L >/dev/null 2>&1; then \
 	  echo "setup: CUDA GPU found; installing CUDA torch"; \
 	  $(BIN)/pip install -q "torch>=2.6"; \

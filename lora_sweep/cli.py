@@ -22,11 +22,8 @@ import sys
 import warnings
 from pathlib import Path
 
-# Hydra's configs: conf/ at the top of the repository, which the wheel ships inside the package as
-# lora_sweep/conf/ (pyproject's package-dir). A wheel install reads that copy; a checkout (an editable
-# install, or the source tree on sys.path) reads conf/ beside the package folder. Either way a real
-# folder, handed to Hydra as an absolute config_path (Hydra's relative form, config_path="conf", means
-# pkg://lora_sweep/conf, which a checkout lacks). --config-dir DIR adds a user's own configs.
+# The wheel ships conf/ as lora_sweep/conf; a checkout (editable install) has it beside the package.
+# An absolute path: Hydra's relative config_path would mean pkg://lora_sweep/conf, which a checkout lacks.
 _PACKAGE_DIR = Path(__file__).resolve().parent
 CONF_DIR = next((d for d in (_PACKAGE_DIR / "conf", _PACKAGE_DIR.parent / "conf") if (d / "config.yaml").is_file()),
                 _PACKAGE_DIR / "conf")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 BIAS_CHOICES = ("none", "all", "lora_only")
-TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "SEQ_2_SEQ_LM")  # lora_sweep/tasks.py: one class each
+TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "SEQ_2_SEQ_LM")  # lora_sweep/trial/tasks.py: one class each
 SAMPLING_STRATEGIES = ("random", "group_by_length", "sequential")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")

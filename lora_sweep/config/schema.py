@@ -130,7 +130,7 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 42
     save_adapter: bool = True
-    fast_dropout: bool = True      # CPU: dropout masks from numpy's SFC64 (lora_sweep/dropout.py)
+    fast_dropout: bool = True      # CPU: dropout masks from numpy's SFC64 (lora_sweep/trial/dropout.py)
     fast_attention: bool = True    # with fast_dropout: attention-probability masks too (trial/dropout.py)
     eval_steps: int | None = None  # null: evaluate (and report to the pruner) every epoch; N: every N steps
 

@@ -16,7 +16,7 @@ from lora_sweep.trial.train import train
 # What the report and the objective read from a finished trial (Optuna user attrs, MLflow metrics).
 RESULT_KEYS = ("eval_accuracy", "eval_loss", "eval_f1", "train_loss", "trainable_params", "total_params",
                "trainable_pct", "peak_memory_mb", "epoch_time_s", "adapter_size_mb", "train_seconds", "eval_seconds")
-# Language-model tasks only (lora_sweep/tasks.py); on plain text eval_accuracy/eval_f1 are absent.
+# Language-model tasks only (lora_sweep/trial/tasks.py); on plain text eval_accuracy/eval_f1 are absent.
 LM_RESULT_KEYS = ("eval_perplexity",)
 
 
