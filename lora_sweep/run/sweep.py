@@ -60,9 +60,9 @@ def preflight(config: Config, space: SearchSpace) -> str:
             continue  # needs CUDA; on a CPU the trial itself records why it cannot run
         base = models.load_base(s.model, labels, s.train.seed, s.lora.task_type)
         adapters.resolve_targets(s.lora.target_modules, base.model)
-        if (s.model, labels, s.lora) not in checked:  # peft's verdict, on a copy as a trial applies it
-            checked.add((s.model, labels, s.lora))
-            adapters.check_lora(s.lora, models.fresh_copy(base), varied=tuple(point.values))
+        if (s.model, s.lora) not in checked:  # peft's verdict on the LoRA settings (lora.init_lora_weights, ...)
+            checked.add((s.model, s.lora))
+            adapters.check_lora(s.lora, base.model, varied=tuple(point.values))
     return device
 
 

@@ -118,16 +118,20 @@ def apply_lora(model: nn.Module, settings: LoraSettings, *, quantized: bool = Fa
 
 
 def check_lora(settings: LoraSettings, model: nn.Module, varied=()) -> None:
-    """peft's own verdict on these settings, before any trial: LoraConfig built and applied to
-    `model` (a copy this call may spend) as a trial will, and a ConfigError naming the field if
-    peft rejects them (an init_lora_weights it does not know fails only when applied). varied: the
+    """peft's own verdict on these settings, before any trial: the LoraConfig a trial builds, applied
+    by peft to a copy of one module it targets (an init_lora_weights peft does not know fails only when
+    applied), and a ConfigError naming the field if peft rejects it. One module keeps the check cheap
+    for any model size; running out of memory is left to the trial, which records it. varied: the
     parameter paths this point of the space sets, the first suspects."""
+    import copy
+
     import peft
 
+    targets = resolve_targets(settings.target_modules, model)
+    one = nn.Module()
+    one.add_module("target", copy.deepcopy(model.get_submodule(targets.modules[0])))
     try:
-        apply_lora(model, settings)
-    except ConfigError:
-        raise
+        peft.inject_adapter_in_model(lora_config(settings, Targets(modules=("target",), names=())), one)
     except (ValueError, TypeError, NotImplementedError, KeyError) as e:
         reason = " ".join(str(e).split()) or type(e).__name__
         field = _culprit(settings, varied, reason)
@@ -135,6 +139,8 @@ def check_lora(settings: LoraSettings, model: nn.Module, varied=()) -> None:
         shown = str(value).lower() if isinstance(value, bool) else value
         raise ConfigError(f"{field}={shown}: peft {peft.__version__} rejects it ({reason}); "
                           f"{_allowed(field)}") from None
+    except (RuntimeError, MemoryError):
+        pass  # out of memory for this rank: a run-time failure the trial records, not a bad value
 
 
 def _culprit(settings: LoraSettings, varied, reason: str) -> str:
