@@ -8,12 +8,17 @@ the field's default (None for a figure), a key this version does not know is ign
 
 The study-level attributes (the sweep's meta, its timings, the MLflow parent run, the Pareto front)
 have small accessors below, for the same reason.
+
+Per-example results are not user attributes (every worker reloads those): each complete trial
+writes one small parquet file beside the study, examples_path(study_dir, number), with the columns
+EXAMPLE_COLUMNS (write_examples / read_examples below).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
 
 _NAN = float("nan")
 
@@ -31,6 +36,7 @@ class TrialRecord:
     worker: str = ""                         # host:pid of the process that ran it
     memory_before_mb: float | None = None    # process RSS at the trial's start (after releasing memory)
     params: dict = field(default_factory=dict)  # the MLflow params (LoraConfig / TrainingArguments names)
+    lora_scale: float | None = None          # the adapter's effective scale: lora_alpha/r (sqrt(r) with rsLoRA)
     mlflow_run_id: str = ""
     # results (lora_sweep.trial.runner's RESULT_KEYS and LM_RESULT_KEYS)
     eval_accuracy: float | None = None
@@ -149,3 +155,50 @@ def pareto_front(study) -> list[int]:
 
 def set_pareto_front(study, numbers) -> None:
     study.set_user_attr(_PARETO, [int(n) for n in numbers])
+
+
+# -- per-example results -----------------------------------------------------------------------
+
+# example_id: the example's row number in the source data (before filtering and the split), the
+#   same in every trial of a sweep; label: the gold label (None on plain text); prediction: the
+#   predicted label (SEQ_CLS) or the generated answer (labelled CAUSAL_LM / SEQ_2_SEQ_LM), None where
+#   nothing is predicted; correct: prediction == label, None where there is no correctness (plain
+#   text; a language model's examples beyond data.generate_size); loss: the example's eval loss
+#   (mean over its answer tokens for language models, every token on plain text).
+EXAMPLE_COLUMNS = ("example_id", "label", "prediction", "correct", "loss")
+
+
+def examples_path(study_dir, number: int) -> Path:
+    """Where trial `number` of the study stored in `study_dir` keeps its per-example results."""
+    return Path(study_dir) / "examples" / f"trial-{int(number)}.parquet"
+
+
+def write_examples(path, frame) -> Path:
+    """Write a per-example frame (EXAMPLE_COLUMNS) to `path` (parquet), atomically."""
+    import pandas as pd
+
+    missing = [c for c in EXAMPLE_COLUMNS if c not in frame]
+    if missing:
+        raise ValueError(f"per-example results lack the columns {missing}")
+    out = pd.DataFrame({
+        "example_id": pd.Series(frame["example_id"], dtype="int64").to_numpy(),
+        "label": pd.Series(frame["label"], dtype="string").to_numpy(),
+        "prediction": pd.Series(frame["prediction"], dtype="string").to_numpy(),
+        "correct": pd.Series(frame["correct"], dtype="boolean").to_numpy(),
+        "loss": pd.Series(frame["loss"], dtype="float64").to_numpy(),
+    })
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    out.to_parquet(tmp, index=False)
+    tmp.replace(path)
+    return path
+
+
+def read_examples(path):
+    """A trial's per-example results: a DataFrame with exactly EXAMPLE_COLUMNS, sorted by example_id
+    (FileNotFoundError when the trial stored none: older versions, trials that did not complete)."""
+    import pandas as pd
+
+    frame = pd.read_parquet(path)
+    return frame[list(EXAMPLE_COLUMNS)].sort_values("example_id", kind="stable").reset_index(drop=True)

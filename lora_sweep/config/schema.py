@@ -75,6 +75,12 @@ class DataConfig:
                      list(self.labels), "null or a list of at least two distinct labels")
 
 
+def lora_scale(r, lora_alpha, use_rslora=False) -> float:
+    """peft's scaling of a LoRA update: lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora."""
+    r, alpha = float(r), float(lora_alpha)
+    return alpha / (r ** 0.5 if use_rslora else r)
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     r: int = 16
@@ -93,6 +99,11 @@ class LoraSettings:
         """lora_alpha as peft will get it: tied to r when alpha_ratio is set."""
         alpha = self.alpha_ratio * self.r if self.alpha_ratio is not None else self.lora_alpha
         return int(alpha) if float(alpha).is_integer() else float(alpha)
+
+    @property
+    def scale(self) -> float:
+        """The factor peft multiplies the adapter's update by (lora_scale)."""
+        return lora_scale(self.r, self.effective_alpha, self.use_rslora)
 
     def validate(self) -> None:
         _positive_int("lora.r", self.r)

@@ -90,8 +90,10 @@ def markdown(config: Config, studies: dict, df: pd.DataFrame, plots: list[Path])
     for name, study in studies.items():
         sub = df[df["sweep"] == name] if len(df) else df
         lines += ["", f"### {name}", ""]
+        # each sweep's own trials and per-example files: paired tests where all its trials stored them
+        examples = table.load_examples(for_sweep(config, name).study_dir, sub)
         found = findings.sweep_findings(sub, metas[name].get("eval_size"),
-                                        findings.param_importances(study, config.study.metric))
+                                        findings.param_importances(study, config.study.metric), examples)
         lines += [f"- {f}" for f in found]
     lines += table.plots_section(plots)
     lines += table.problems_section(df.assign(label=df["label"] + " [" + df["sweep"] + "]") if len(df) else df)

@@ -9,6 +9,9 @@ difference is compared with a noise band before it is called a trend:
   training noise comes on top and was not measured.
 
 A difference smaller than 1.96 standard errors of the difference is reported as within noise.
+
+When every complete trial stored its per-example results, configurations are compared on the same
+examples instead (paired.py: exact McNemar, Holm-adjusted, paired-bootstrap intervals).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from lora_sweep.record import TrialRecord
+import lora_sweep.report.paired as paired
 
 SEED = "param.train.seed"
 ACC, PCT = "eval_accuracy", "trainable_pct"
@@ -128,14 +132,25 @@ def levels(done: pd.DataFrame, column: str | None) -> list[Level]:
     return out
 
 
-def sweep_findings(df: pd.DataFrame, eval_size: int | None, importances: dict | None = None) -> list[str]:
-    """Findings for one sweep (one study)."""
+def sweep_findings(df: pd.DataFrame, eval_size: int | None, importances: dict | None = None,
+                   examples: dict | None = None) -> list[str]:
+    """Findings for one sweep (one study); `examples`: trial number -> its per-example results
+    (lora_sweep.record.read_examples), which turn on the paired tests."""
     done = complete(df)
     if not len(done):
         return ["No complete trials yet, so nothing to compare."]
+    vary = varied(done)
+    column = vary[0] if len(vary) == 1 else None
+    numeric = column is not None and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in done[column])
+    warning = paired.scale_warning(done, levels(done, column), column, numeric)
+    if examples is not None and paired.has_examples(done, examples):
+        lines = [_varied_line(vary, importances)] if len(vary) > 1 else []
+        name = column.removeprefix("param.").split(".")[-1] if column else None
+        lines += paired.paired_lines(done, levels(done, column), name, numeric, examples)
+        lines[-1:-1] = [x for x in (warning, _cost(done)) if x]
+        return lines
     nz = noise(done, eval_size)
     lines = []
-    vary = varied(done)
     if len(vary) == 1:
         column = vary[0]
         lv = levels(done, column)
@@ -143,17 +158,24 @@ def sweep_findings(df: pd.DataFrame, eval_size: int | None, importances: dict | 
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in done[column])
         lines.append(_steps(name, lv, nz) if numeric else _against_best(lv, nz))
     elif len(vary) > 1:
-        what = ", ".join(f"`{c.removeprefix('param.')}`" for c in vary)
-        line = f"{len(vary)} parameters varied together ({what}), so no single parameter's effect is isolated"
-        if importances:
-            line += "; fANOVA importance for accuracy: " + ", ".join(
-                f"`{k}` {v:.2f}" for k, v in importances.items())
-        lines.append(line + ".")
+        lines.append(_varied_line(vary, importances))
     lines.append(_best(levels(done, None), nz))
-    lines.append(_cost(done))
+    lines += [x for x in (warning, _cost(done)) if x]
+    lines.append("Paired tests (configurations compared on the same eval examples: McNemar, paired intervals) "
+                 "need per-example results, which these trials did not store (written by earlier versions, or "
+                 "a plain-text language model, which has no per-example correctness); differences are judged "
+                 "by the noise band instead.")
     if nz is not None:
         lines.append(f"Noise band: ±{nz.band():.1f} points for two single runs; {nz.detail}.")
     return lines
+
+
+def _varied_line(vary: list[str], importances: dict | None) -> str:
+    what = ", ".join(f"`{c.removeprefix('param.')}`" for c in vary)
+    line = f"{len(vary)} parameters varied together ({what}), so no single parameter's effect is isolated"
+    if importances:
+        line += "; fANOVA importance for accuracy: " + ", ".join(f"`{k}` {v:.2f}" for k, v in importances.items())
+    return line + "."
 
 
 def overall_findings(done: pd.DataFrame, nz: Noise | None) -> list[str]:

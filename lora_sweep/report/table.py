@@ -20,8 +20,10 @@ from optuna.trial import TrialState
 
 from lora_sweep import record
 from lora_sweep.config import Config, ConfigError
+from lora_sweep.config.schema import lora_scale
 from lora_sweep.report.findings import complete, noise, pareto_mask, pareto_sentence, param_importances, sweep_findings
 from lora_sweep.report.plots import TITLES, write_plots
+from lora_sweep.report.stats import wilson
 
 log = logging.getLogger("lora_sweep")
 
@@ -60,7 +62,54 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         row["epochs"] = rec.epochs
         rows.append(row)
     df = pd.DataFrame(rows)
-    return ordered(df, study) if len(df) else df
+    if not len(df):
+        return df
+    meta = record.meta(study)  # without per-example files, a classifier's accuracy is over eval_size examples
+    n = _eval_size(study) if meta.get("task_type", "SEQ_CLS") == "SEQ_CLS" else None
+    return with_intervals(ordered(df, study), {}, n)
+
+
+def with_intervals(df: pd.DataFrame, examples: dict, eval_size: int | None = None) -> pd.DataFrame:
+    """eval_n (examples the accuracy counts: from the trial's per-example file, else eval_size) and the
+    accuracy's Wilson 95% interval (eval_accuracy_ci_low/high); lora_scale from the params where an
+    older record lacks it."""
+    def n_of(row):
+        ex = examples.get(int(row["trial"]))
+        if ex is not None:
+            return int(ex["correct"].notna().sum()) or None
+        return eval_size if pd.notna(row["eval_accuracy"]) else None
+
+    def ci(row, side):
+        n, acc = row["eval_n"], row["eval_accuracy"]
+        return wilson(round(acc * n), n)[side] if pd.notna(n) and n and pd.notna(acc) else None
+
+    out = df.copy()
+    out["eval_n"] = pd.Series([n_of(r) for _, r in df.iterrows()], index=df.index, dtype="Int64")
+    out["eval_accuracy_ci_low"] = [ci(r, 0) for _, r in out.iterrows()]
+    out["eval_accuracy_ci_high"] = [ci(r, 1) for _, r in out.iterrows()]
+    if "lora_scale" in out:
+        out["lora_scale"] = [_scale(r) for _, r in out.iterrows()]
+    return out
+
+
+def _scale(row) -> float | None:
+    if pd.notna(row["lora_scale"]):
+        return float(row["lora_scale"])
+    try:
+        params = json.loads(row["params"]) if isinstance(row["params"], str) else row["params"]
+        return lora_scale(params["r"], params["lora_alpha"], bool(params.get("use_rslora", False)))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def load_examples(study_dir: Path, df: pd.DataFrame) -> dict:
+    """Trial number -> per-example results, for the complete trials that stored them."""
+    out = {}
+    for t in df[df["status"] == "complete"]["trial"] if len(df) else []:
+        path = record.examples_path(study_dir, int(t))
+        if path.exists():
+            out[int(t)] = record.read_examples(path)
+    return out
 
 
 def ordered(df: pd.DataFrame, study: optuna.Study) -> pd.DataFrame:
@@ -94,6 +143,7 @@ def guide_table(df: pd.DataFrame, sweep_column: bool = False) -> pd.DataFrame:
     table = pd.DataFrame({
         "Configuration": done["label"].map(_cell),
         "Accuracy (%)": done["eval_accuracy"].map(lambda v: "n/a" if pd.isna(v) else f"{100 * v:.1f}"),
+        "95% CI": [_interval(r) for _, r in done.iterrows()],
         "Trainable params": done["trainable_params"].map(lambda v: f"{int(v):,}"),
         "Trainable (%)": done["trainable_pct"].map(lambda v: f"{v:.2f}"),
         "Memory (MB)": done["peak_memory_mb"].map(lambda v: f"{v:,.0f}" if pd.notna(v) else "n/a"),
@@ -102,14 +152,14 @@ def guide_table(df: pd.DataFrame, sweep_column: bool = False) -> pd.DataFrame:
         "Trial": done["trial"].map(lambda n: f"#{n}"),
     })
     if "eval_perplexity" in done and done["eval_perplexity"].notna().any():  # CAUSAL_LM / SEQ_2_SEQ_LM
-        table.insert(2, "Perplexity", done["eval_perplexity"].map(
+        table.insert(3, "Perplexity", done["eval_perplexity"].map(
             lambda v: "n/a" if pd.isna(v) else f"{v:.2f}"))
     if sweep_column:
         table.insert(0, "Sweep", done["sweep"].map(_cell))
     return table
 
 
-COLUMNS = ("Configuration", "Accuracy (%)", "Trainable params", "Trainable (%)", "Memory (MB)",
+COLUMNS = ("Configuration", "Accuracy (%)", "95% CI", "Trainable params", "Trainable (%)", "Memory (MB)",
            "Training time (s/epoch)", "Pareto", "Trial")
 _ALIGN = {"Configuration": "left", "Sweep": "left", "Pareto": "center", "Trial": "right"}
 
@@ -118,6 +168,11 @@ def to_markdown(table: pd.DataFrame) -> str:
     """A GFM pipe table; numbers are already strings, right-aligned, and not re-parsed by tabulate."""
     align = [_ALIGN.get(c, "right") for c in table.columns]
     return table.to_markdown(index=False, tablefmt="pipe", disable_numparse=True, colalign=align)
+
+
+def _interval(row) -> str:
+    low, high = row.get("eval_accuracy_ci_low"), row.get("eval_accuracy_ci_high")
+    return "n/a" if low is None or high is None or pd.isna(low) or pd.isna(high) else f"{100 * low:.1f}–{100 * high:.1f}"
 
 
 def _cell(v) -> str:
@@ -151,7 +206,8 @@ def _eval_size(study: optuna.Study) -> int | None:
     return int(size) if isinstance(size, (int, float)) else None
 
 
-def markdown(config: Config, study: optuna.Study, df: pd.DataFrame, plots: list[Path] = ()) -> str:
+def markdown(config: Config, study: optuna.Study, df: pd.DataFrame, plots: list[Path] = (),
+             examples: dict | None = None) -> str:
     lines = [f"# LoRA sweep: {config.study.name}", ""]
     lines += [f"- **{k}**: {v}" for k, v in _facts(config, study, df)]
     lines += ["", "## Results", ""]
@@ -160,7 +216,8 @@ def markdown(config: Config, study: optuna.Study, df: pd.DataFrame, plots: list[
     lines += ["", *notes_lines(df)]
     done = complete(df)
     lines += ["", "## Findings", ""]
-    found = sweep_findings(df, _eval_size(study), param_importances(study, config.study.metric))
+    examples = load_examples(config.study_dir, df) if examples is None else examples
+    found = sweep_findings(df, _eval_size(study), param_importances(study, config.study.metric), examples)
     if len(done):
         found.insert(len(found) - 1, pareto_sentence(done, pareto_mask(done)))
     lines += [f"- {f}" for f in found]
@@ -176,6 +233,7 @@ def notes_lines(df: pd.DataFrame) -> list[str]:
     notes = [*(_LM_NOTES if language_model else ["Accuracy: eval accuracy after the last epoch."]),
              "Trainable params: trainable parameters as peft counts them (LoRA weights plus any classifier "
              "head, which peft trains in full); Trainable (%): their share of all parameters.",
+             "95% CI: the accuracy's Wilson 95% interval over the eval examples it counts (eval_n in report.csv).",
              "Training time: mean seconds per epoch of training, evaluation excluded.",
              "Pareto: ✓ where no other row is both more accurate and trains a smaller share of parameters.",
              "Trial: the Optuna trial number (its MLflow run id is in report.csv)."]
@@ -223,13 +281,16 @@ def write_report(config: Config, study: optuna.Study | None = None) -> Path | No
 
         study = load_study(config)
     df = trials_frame(study)
+    examples = load_examples(config.study_dir, df)
+    df = with_intervals(df, examples, _eval_size(study) if record.meta(study).get("task_type", "SEQ_CLS") == "SEQ_CLS"
+                        else None)
     out = config.report_dir
     out.mkdir(parents=True, exist_ok=True)
     done = complete(df)
     nz = noise(done, _eval_size(study))
     plots = fresh_plots(out, lambda: write_plots(done, pareto_mask(done), out, study, config.study.metric,
                                                   noise_sd=nz.sd if nz else None))
-    return write_files(out, markdown(config, study, df, plots), df)
+    return write_files(out, markdown(config, study, df, plots, examples), df)
 
 
 def fresh_plots(out: Path, draw) -> list[Path]:

@@ -80,7 +80,8 @@ class Objective:
                      device=self.device, worker=f"{socket.gethostname()}:{os.getpid()}")  # which worker ran it
         preview = target_names(point.settings)
         params = mlflow_params(point.settings, preview)
-        record.write(trial, params={k: _jsonable(v) for k, v in params.items()})
+        record.write(trial, params={k: _jsonable(v) for k, v in params.items()},
+                     lora_scale=float(point.settings.lora.scale))
         run_id = self.tracker.start_trial(self.parent_run_id, run_name(point), params, {
             **self.base_tags, "optuna_trial_number": trial.number, "label": point.label, "status": "running"})
         record.write(trial, mlflow_run_id=run_id)
@@ -135,6 +136,10 @@ class Objective:
         record.write(trial, **final, epochs=result.epochs, memory_kind=result.memory_kind,
                      batch_shapes=result.batch_shapes)
         self.tracker.log_metrics(run_id, final, step=result.steps[-1] if result.steps else len(result.epochs))
+        if result.examples is not None:  # per-example results: beside the study, and on the trial's run
+            path = record.write_examples(record.examples_path(self.config.study_dir, trial.number), result.examples)
+            if self.config.tracking.log_artifacts:
+                self.tracker.log_artifact(run_id, path, "examples")
         self.tracker.set_tags(run_id, {"status": "complete", "memory_kind": result.memory_kind})
         self.tracker.finish_trial(run_id, "complete")
         m = result.metrics

@@ -25,8 +25,12 @@ class Splits:
     eval: object
     labels: tuple   # () for plain text (data.label_column=null)
     generate: dict | None = None   # eval prompts whose answer is generated (CAUSAL_LM/SEQ_2_SEQ_LM, labelled)
+    # Each eval example's row number in the source data (before filtering and the split), in the
+    # eval set's order: the id that pairs one trial's per-example results with another's.
+    eval_ids: list | None = None
 
 
+_ID = "__lora_sweep_example_id__"  # the source row number, carried through filtering and the split
 _RAW: dict[DataConfig, Splits] = {}
 _TOKENIZED: dict[tuple, Splits] = {}
 
@@ -53,6 +57,7 @@ def load_splits(config: DataConfig) -> Splits:
         ds = datasets.load_dataset(_FILE_BUILDERS[suffix], data_files=source, split="train", **kwargs)
     else:
         ds = datasets.load_dataset(source, config.subset, split=config.split)
+    ds = ds.add_column(_ID, list(range(len(ds))))  # no effect on the split: it draws from labels and seed alone
 
     if config.label_column is None:
         return _plain_text(ds, config)
@@ -60,7 +65,7 @@ def load_splits(config: DataConfig) -> Splits:
         if col not in ds.column_names:
             raise ConfigError(f"data.{'text' if col == config.text_column else 'label'}_column={col!r} is not "
                               f"a column of {config.name_or_path}; its columns are: {', '.join(ds.column_names)}.")
-    ds = ds.select_columns([config.text_column, config.label_column])
+    ds = ds.select_columns([config.text_column, config.label_column, _ID])
     ds = ds.filter(_non_empty, input_columns=config.text_column, batched=True)
 
     # Labels: a ClassLabel feature keeps its names; raw strings/ints are mapped in data.labels' order.
@@ -87,7 +92,7 @@ def load_splits(config: DataConfig) -> Splits:
                           f"{len(ds)} examples with labels {list(labels)}. Lower the sizes.")
     split = ds.train_test_split(train_size=config.train_size, test_size=config.eval_size, seed=config.seed,
                                 stratify_by_column="labels")
-    splits = Splits(train=split["train"], eval=split["test"], labels=labels)
+    splits = _without_ids(split, labels)
     _RAW[config] = splits
     log.info("Data: %s, %d train / %d eval examples, labels %s", config.name_or_path, len(splits.train),
              len(splits.eval), list(labels))
@@ -99,7 +104,7 @@ def _plain_text(ds, config: DataConfig) -> Splits:
     if config.text_column not in ds.column_names:
         raise ConfigError(f"data.text_column={config.text_column!r} is not a column of {config.name_or_path}; "
                           f"its columns are: {', '.join(ds.column_names)}.")
-    ds = ds.select_columns([config.text_column])
+    ds = ds.select_columns([config.text_column, _ID])
     ds = ds.filter(_non_empty, input_columns=config.text_column, batched=True)
     ds = ds.rename_column(config.text_column, "text") if config.text_column != "text" else ds
     need = config.train_size + config.eval_size
@@ -107,11 +112,17 @@ def _plain_text(ds, config: DataConfig) -> Splits:
         raise ConfigError(f"data.train_size + data.eval_size = {need} but {config.name_or_path} has only "
                           f"{len(ds)} non-empty texts. Lower the sizes.")
     split = ds.train_test_split(train_size=config.train_size, test_size=config.eval_size, seed=config.seed)
-    splits = Splits(train=split["train"], eval=split["test"], labels=())
+    splits = _without_ids(split, ())
     _RAW[config] = splits
     log.info("Data: %s, %d train / %d eval texts (no labels: language modelling)", config.name_or_path,
              len(splits.train), len(splits.eval))
     return splits
+
+
+def _without_ids(split, labels: tuple) -> Splits:
+    """The split's datasets as before (no id column), their eval ids kept aside."""
+    return Splits(train=split["train"].remove_columns(_ID), eval=split["test"].remove_columns(_ID), labels=labels,
+                  eval_ids=[int(i) for i in split["test"][_ID]])
 
 
 def tokenized(config: DataConfig, tokenizer, tokenizer_key: str, task=None) -> Splits:
@@ -124,9 +135,14 @@ def tokenized(config: DataConfig, tokenizer, tokenizer_key: str, task=None) -> S
     if key in _TOKENIZED:
         return _TOKENIZED[key]
     raw = load_splits(config)
+    encoded = task.encode(raw.eval, tokenizer, raw.labels)
+    order = _length_order(encoded)
+    generate = task.generation_set(raw.eval, tokenizer, raw.labels)
+    if generate is not None:  # the first generate_size raw eval examples
+        generate["example_ids"] = raw.eval_ids[:len(generate["labels"])]
     out = Splits(train=task.encode(raw.train, tokenizer, raw.labels),
-                 eval=_by_length(task.encode(raw.eval, tokenizer, raw.labels)), labels=raw.labels,
-                 generate=task.generation_set(raw.eval, tokenizer, raw.labels))
+                 eval=encoded if order is None else encoded.select(order), labels=raw.labels,
+                 generate=generate, eval_ids=raw.eval_ids if order is None else [raw.eval_ids[i] for i in order])
     _TOKENIZED[key] = out
     return out
 
@@ -136,13 +152,19 @@ def _by_length(ds):
     sets each eval batch's padding: sorted, the 500 eval tweets pad to 18.3k tokens instead of 30.9k
     (batch 64), so evaluation costs ~1.7x less. (Language-model eval losses are means of per-batch
     means, so a different batching moves them in the last digits.)"""
+    order = _length_order(ds)
+    return ds if order is None else ds.select(order)
+
+
+def _length_order(ds):
+    """The eval set's order by length (shortest first, stable), None to keep it as it is."""
     if "input_ids" not in ds.column_names or len(ds) < 2:
-        return ds
+        return None
     import numpy as np
     import pyarrow.compute as pc
 
     lengths = pc.list_value_length(ds.with_format("arrow")[:]["input_ids"]).to_numpy()
-    return ds.select(np.argsort(lengths, kind="stable"))
+    return np.argsort(lengths, kind="stable")
 
 
 def clear_cache() -> None:

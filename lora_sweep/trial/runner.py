@@ -29,6 +29,7 @@ class TrialResult:
     memory_kind: str = ""
     adapter_dir: Path | None = None
     batch_shapes: dict = field(default_factory=dict)
+    examples: object = None   # pandas DataFrame, lora_sweep.record.EXAMPLE_COLUMNS: the final evaluation per example
 
 
 def run_trial(settings: TrialSettings, device: str, on_epoch: Callable[[int, dict], None],
@@ -51,10 +52,11 @@ def run_trial(settings: TrialSettings, device: str, on_epoch: Callable[[int, dic
             trainable, total = adapters.parameter_counts(peft_model)
             t0 = time.perf_counter()
             outcome = train(peft_model, base.tokenizer, splits.train, splits.eval, settings.train, device,
-                            on_epoch, task=task, generate=splits.generate, labels=splits.labels)
+                            on_epoch, task=task, generate=splits.generate, labels=splits.labels,
+                            eval_ids=splits.eval_ids)
             wall = time.perf_counter() - t0
         result = TrialResult(epochs=outcome.epochs, steps=outcome.steps, target_modules=targets.names,
-                             memory_kind=memory.kind, batch_shapes=outcome.batch_shapes)
+                             memory_kind=memory.kind, batch_shapes=outcome.batch_shapes, examples=outcome.examples)
         result.metrics = {
             **outcome.final,
             "train_loss": outcome.train_loss,

@@ -10,6 +10,11 @@ the model class, how examples become tokens, how batches are padded, and what is
   eval_perplexity.
 - SEQ_2_SEQ_LM: the encoder reads the prompt, the decoder writes the label; same metrics as labelled
   CAUSAL_LM.
+
+After training, example_outcomes gives the final evaluation one row per eval example
+(lora_sweep.record.EXAMPLE_COLUMNS): SEQ_CLS reads them off the last evaluation's logits; the
+language-model tasks take the last generated answers and compute each example's loss in one more
+pass over the eval set (counted as evaluation time).
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ class Task:
     def __init__(self, data: DataConfig | None):
         self.data = data
         self.labelled = data is None or data.label_column is not None
+
+    last_answers: list | None = None  # the last evaluation's generated answers (language-model tasks)
 
     def model_class(self):
         import transformers
@@ -67,8 +74,29 @@ class Task:
         row = {"eval_loss": loss, "eval_perplexity": perplexity(loss)}
         if generate is not None:
             predictions = self.generate_answers(model, tokenizer, generate, batch_size)
+            self.last_answers = predictions
             row.update(label_scores(predictions, [str(labels[i]) for i in generate["labels"]], labels))
         return row
+
+    def example_outcomes(self, trainer, eval_set, eval_ids, generate, labels: tuple):
+        """The final evaluation per example (a DataFrame of lora_sweep.record.EXAMPLE_COLUMNS, None
+        without ids). Labelled: prediction = the generated answer, correct = exact match, for the
+        generated examples (the first data.generate_size); plain text has a loss only."""
+        import pandas as pd
+
+        if eval_ids is None:
+            return None
+        frame = pd.DataFrame({"example_id": list(eval_ids), "loss": example_losses(trainer, eval_set, self.shifted)})
+        frame["label"] = frame["prediction"] = frame["correct"] = None
+        if generate is not None and self.last_answers is not None:
+            gold = [str(labels[i]) for i in generate["labels"]]
+            answers = pd.DataFrame({"example_id": generate["example_ids"], "label": gold,
+                                    "prediction": self.last_answers,
+                                    "correct": [p == g for p, g in zip(self.last_answers, gold)]})
+            frame = frame.drop(columns=["label", "prediction", "correct"]).merge(answers, on="example_id", how="left")
+        return frame
+
+    shifted = True  # decoder-only: token t predicts label t + 1
 
     def generate_answers(self, model, tokenizer, generate: dict, batch_size: int) -> list[str]:
         """Greedy answers to generate["prompt_ids"], at most as long as the longest label's tokens."""
@@ -115,10 +143,34 @@ class SequenceClassification(Task):
 
         return DataCollatorWithPadding(tokenizer)
 
+    last_eval: tuple | None = None  # the last evaluation's (logits, label ids), in the eval set's order
+
     def compute_metrics(self):
         from lora_sweep.trial.metrics import classification_metrics
 
-        return lambda p: classification_metrics(p.predictions, p.label_ids)
+        def metrics(p):
+            self.last_eval = (p.predictions, p.label_ids)
+            return classification_metrics(p.predictions, p.label_ids)
+
+        return metrics
+
+    def example_outcomes(self, trainer, eval_set, eval_ids, generate, labels: tuple):
+        """The last evaluation's logits per example: the predicted label, correctness, cross-entropy."""
+        import numpy as np
+        import pandas as pd
+
+        if eval_ids is None or self.last_eval is None:
+            return None
+        logits, gold = self.last_eval
+        logits = np.asarray(logits[0] if isinstance(logits, tuple) else logits, dtype=np.float64)
+        gold = np.asarray(gold).astype(int)
+        top = logits.max(-1, keepdims=True)
+        log_probs = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+        predicted = logits.argmax(-1)
+        names = [str(label) for label in labels]
+        return pd.DataFrame({"example_id": list(eval_ids), "label": [names[i] for i in gold],
+                             "prediction": [names[i] for i in predicted], "correct": predicted == gold,
+                             "loss": -log_probs[np.arange(len(gold)), gold]})
 
     def epoch_metrics(self, trainer_metrics: dict, model, tokenizer, generate, batch_size: int,
                       labels: tuple) -> dict:
@@ -209,6 +261,37 @@ class Seq2SeqLM(CausalLM):
 
     def new_tokens(self, generated, batch):
         return generated  # the decoder's output is the answer alone
+
+    shifted = False  # the decoder's token t predicts label t
+
+
+def example_losses(trainer, eval_set, shifted: bool) -> list[float]:
+    """Each eval example's mean loss over its labelled tokens (the final model, the Trainer's own
+    eval batches and collator; one forward pass over the eval set)."""
+    import torch
+
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.no_grad():
+            for batch in trainer.get_eval_dataloader(eval_set):
+                batch = trainer._prepare_inputs(batch)
+                labels = batch["labels"]
+                with trainer.compute_loss_context_manager():
+                    # seq2seq: the labels make the decoder's inputs; decoder-only: they are not needed
+                    logits = model(**(batch if not shifted else {k: v for k, v in batch.items() if k != "labels"})).logits
+                if shifted:
+                    logits, labels = logits[:, :-1], labels[:, 1:]
+                token_loss = torch.nn.functional.cross_entropy(
+                    logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
+                    reduction="none").view(labels.shape)
+                counted = (labels != IGNORE).sum(-1)
+                out += (token_loss.sum(-1) / counted.clamp(min=1)).tolist()
+    finally:
+        model.train(was_training)
+    return out
 
 
 def perplexity(loss: float) -> float:

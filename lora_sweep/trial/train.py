@@ -50,6 +50,7 @@ class TrainResult:
     # "BxL" -> number of training batches of that padded shape: what was computed, for FLOP counts
     # and padding statistics (lora_sweep.bench).
     batch_shapes: dict[str, int] = field(default_factory=dict)
+    examples: object = None  # the final evaluation per example (Task.example_outcomes), None without ids
 
     @property
     def epoch_time_s(self) -> float:
@@ -196,8 +197,9 @@ def mixed_precision(settings: TrainConfig, device: str) -> dict:
 
 def train(model, tokenizer, train_set, eval_set, settings: TrainConfig, device: str,
           on_epoch: Callable[[int, dict], None], task: Task | None = None, generate: dict | None = None,
-          labels: tuple = ()) -> TrainResult:
-    """`generate`/`labels`: the eval prompts whose answers a language-model task generates (Splits.generate)."""
+          labels: tuple = (), eval_ids: list | None = None) -> TrainResult:
+    """`generate`/`labels`: the eval prompts whose answers a language-model task generates (Splits.generate);
+    `eval_ids`: the eval examples' ids in eval_set's order (Splits.eval_ids), for per-example results."""
     task = task or SequenceClassification(None)
     result = TrainResult()
     callback = _TrialCallback(result, on_epoch, task, tokenizer, generate, labels,
@@ -245,4 +247,7 @@ def train(model, tokenizer, train_set, eval_set, settings: TrainConfig, device: 
         result.train_loss = float(output.training_loss)
         if not math.isfinite(result.train_loss):
             raise NonFiniteLoss(f"mean training loss is {result.train_loss}; lower train.learning_rate.")
+        t0 = time.perf_counter()
+        result.examples = task.example_outcomes(trainer, eval_set, eval_ids, generate, labels)
+        result.eval_seconds += time.perf_counter() - t0
     return result

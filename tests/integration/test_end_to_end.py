@@ -106,8 +106,9 @@ def test_two_trial_rank_sweep_end_to_end(tmp_path):
     rows = [line.replace(" ", "").split("|") for line in report.splitlines() if line.startswith("| r=")]
     for r, m in by_r.items():
         row = next(cells for cells in rows if cells[1] == f"r={r}")
-        assert row[3:5] == [f"{int(m['trainable_params']):,}", f"{m['trainable_pct']:.2f}"]
-    assert "## Findings" in report and "Raising r from 4 to 8" in report
+        at = COLUMNS.index("Trainable params") + 1  # cells[0] is the empty text before the first pipe
+        assert row[at:at + 2] == [f"{int(m['trainable_params']):,}", f"{m['trainable_pct']:.2f}"]
+    assert "## Findings" in report and "Against the most accurate" in report and "McNemar p=" in report
     for png in ("accuracy_vs_trainable.png", "epoch_curves.png", "cost.png"):
         assert (tmp_path / "reports" / "rank" / png).stat().st_size > 0
     assert sorted(a.path for a in client.list_artifacts(parents[0].info.run_id, "report")) == [

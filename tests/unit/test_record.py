@@ -25,7 +25,7 @@ OLD_STUDY = ROOT / "tests" / "fixtures" / "old_study"
 
 # A complete trial's record with every field set to something other than its default.
 FULL = {"label": "r=8", "excluded": "rule: why", "warm_start": True, "device": "cpu", "worker": "host:42",
-        "memory_before_mb": 654.3, "params": {"r": 8, "target_modules": ["query", "value"]},
+        "memory_before_mb": 654.3, "params": {"r": 8, "target_modules": ["query", "value"]}, "lora_scale": 2.0,
         "mlflow_run_id": "abc123", "eval_accuracy": 0.875, "eval_loss": 0.31, "eval_f1": 0.86,
         "eval_perplexity": 1.36, "train_loss": 0.42, "trainable_params": 4162, "total_params": 1001252,
         "trainable_pct": 0.4157, "peak_memory_mb": 60.3, "epoch_time_s": 2.25, "adapter_size_mb": 0.017,
@@ -165,5 +165,8 @@ def test_report_mode_renders_a_study_written_by_the_earlier_version(tmp_path):
 
     text = (reports / "rank" / "report.md").read_text()
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| r=")]
-    assert rows == [["r=4", "50.0", "2,114", "0.21", "60", "2.2", "✓", "#0"],  # as the earlier version rendered it
-                    ["r=8", "100.0", "4,162", "0.42", "5", "3.6", "✓", "#1"]]
+    # as the earlier version rendered it, plus the accuracy's Wilson interval (40 eval examples)
+    assert rows == [["r=4", "50.0", "35.2–64.8", "2,114", "0.21", "60", "2.2", "✓", "#0"],
+                    ["r=8", "100.0", "91.2–100.0", "4,162", "0.42", "5", "3.6", "✓", "#1"]]
+    assert new["lora_scale"].tolist() == [2.0, 2.0]  # from the stored params (r, lora_alpha=2r)
+    assert "Paired tests" in text  # no per-example results in that study: today's findings

@@ -173,6 +173,14 @@ def test_one_report_over_several_sweeps(make_config, tmp_path):
         else:
             study = rank_study({}, storage=storage, name=name)
             add(study, {"lora.target_modules": "query"}, 0.83, 74_498)
+    # the rank sweep's trials stored per-example results (500 eval examples; r=16 right on 25 more)
+    from lora_sweep import record
+
+    for trial, right in ((0, 400), (1, 425)):
+        correct = [i < right for i in range(500)]
+        record.write_examples(record.examples_path(sweeps / "rank", trial), pd.DataFrame({
+            "example_id": range(500), "label": "pos", "prediction": ["pos" if c else "neg" for c in correct],
+            "correct": correct, "loss": [0.1 if c else 2.0 for c in correct]}))
     config = make_config({}, report={"sweeps": ["rank", "target_modules"]})
     md, printed = write_combined(config)
     assert md == tmp_path / "reports" / "rank+target_modules" / "report.md"
@@ -183,6 +191,9 @@ def test_one_report_over_several_sweeps(make_config, tmp_path):
                                                    ("target_modules", "target_modules=query", "#0")]
     assert "### rank" in text and "### target_modules" in text
     assert "Best configuration: r=16 [rank] (trial #1), 85.0% accuracy" in text
+    rank, modules = text.split("### rank")[1].split("### target_modules")
+    assert "r=16 beat r=4 by 5.0 points" in rank and "500 paired examples" in rank  # paired, per sweep
+    assert "Paired tests" not in rank and "Paired tests" in modules  # no files: the fallback line
     assert "| Sweep" in printed
 
     missing = make_config({}, report={"sweeps": ["rank", "bias"]})

@@ -117,3 +117,46 @@ def test_multi_objective_sweep_stores_and_prints_the_pareto_front(tiny_config, c
     out = capsys.readouterr().out
     assert "Pareto front (max eval_accuracy, min trainable_pct)" in out
     assert f"{len(expected)} trial(s)" in out
+
+
+def test_each_complete_trial_stores_its_examples_and_the_report_pairs_them(tiny_config):
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from lora_sweep import record
+
+    config = tiny_config({"lora.r": "choice(2, 8)"}, {"name": "paired", "sampler": "grid"})
+    study = run_sweep(config)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 2
+    frames = {}
+    for t in complete:
+        path = record.examples_path(config.study_dir, t.number)
+        assert path.parent.parent == config.study_dir and path.exists()
+        frames[t.number] = ex = record.read_examples(path)
+        assert list(ex.columns) == list(record.EXAMPLE_COLUMNS) and len(ex) == 40
+        assert ex["correct"].notna().all() and ex["example_id"].is_unique
+        assert ex["correct"].mean() == pytest.approx(t.user_attrs["eval_accuracy"])
+        assert (ex["correct"] == (ex["prediction"] == ex["label"])).all()
+        assert ex["loss"].mean() == pytest.approx(t.user_attrs["eval_loss"], rel=1e-5)  # the Trainer's mean
+    source = pd.read_csv(config.base.data.name_or_path)            # the id is the example's row in the source csv
+    for ex in frames.values():
+        assert ex["label"].tolist() == source.loc[ex["example_id"], "label"].tolist()
+    ids = [f["example_id"].tolist() for f in frames.values()]
+    assert ids[0] == ids[1]                                   # the same eval examples, by id, in every trial
+    assert sorted(p.name for p in (config.study_dir / "examples").iterdir()) == \
+        sorted(f"trial-{n}.parquet" for n in frames)            # one file per complete trial, nothing else
+    # the examples file is an artifact of the trial's MLflow run
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    for number, run in mlflow_runs(config).items():
+        listed = [a.path for a in client.list_artifacts(run.info.run_id, "examples")]
+        assert listed == [f"examples/trial-{number}.parquet"]
+    report = (config.report_dir / "report.md").read_text()
+    header = next(line for line in report.splitlines() if line.startswith("| Configuration"))
+    assert [c.strip() for c in header.strip("|").split("|")][1:3] == ["Accuracy (%)", "95% CI"]
+    assert "Paired tests" not in report                      # the paired findings, not the fallback line
+    assert " beat " in report or "not supported: " in report
+    assert "paired examples" in report and "Holm-adjusted" in report
+    csv = pd.read_csv(config.report_dir / "report.csv")
+    assert csv.loc[csv["status"] == "complete", "eval_n"].tolist() == [40, 40]
+    assert sorted(csv["lora_scale"]) == [1.0, 4.0]           # lora_alpha 8 over r = 2 and 8

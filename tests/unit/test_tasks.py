@@ -8,10 +8,12 @@ import math
 
 import datasets
 import lm_assets
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from lora_sweep import report
+from lora_sweep import record, report
 from lora_sweep.trial import models
 from lora_sweep.trial.adapters import apply_lora, parameter_counts, resolve_targets
 from lora_sweep.config import ConfigError, DataConfig, LoraSettings, ModelConfig, from_mapping
@@ -111,7 +113,7 @@ def test_label_scores_are_exact_match_accuracy_and_macro_f1():
 
 # -- training -------------------------------------------------------------------------------------
 
-def test_causal_lm_trial_learns_to_generate_the_label(raw_config, assets):
+def test_causal_lm_trial_learns_to_generate_the_label(raw_config, assets, tmp_path):
     calls = []
     s = settings_for(raw_config, assets["llama"], "CAUSAL_LM", assets["csv"], generate_size=20)
     result = run_trial(s, "cpu", lambda epoch, metrics: calls.append(dict(metrics)))
@@ -123,6 +125,18 @@ def test_causal_lm_trial_learns_to_generate_the_label(raw_config, assets):
     # a learnable task: the generated answers are the labels (a broken prompt, mask or decode gives 0)
     assert calls[-1]["eval_accuracy"] >= 0.9
     assert result.metrics["eval_accuracy"] == calls[-1]["eval_accuracy"]
+    # per example: every eval example's loss; the generated answer and exact match on the first 20
+    ex = result.examples
+    assert len(ex) == 40 and ex["example_id"].is_unique and np.isfinite(ex["loss"].astype(float)).all()
+    answered = ex[ex["correct"].notna()]
+    assert len(answered) == 20 and (answered["correct"] == (answered["prediction"] == answered["label"])).all()
+    assert answered["correct"].astype(bool).mean() == pytest.approx(result.metrics["eval_accuracy"])
+    assert ex.loc[ex["correct"].isna(), "prediction"].isna().all()
+    assert set(answered["example_id"]) < set(ex["example_id"])
+    source = pd.read_csv(assets["csv"])                      # the id is the example's row in the source csv
+    assert answered["label"].tolist() == source.loc[answered["example_id"], "label"].astype(str).tolist()
+    back = record.read_examples(record.write_examples(tmp_path / "ex.parquet", ex))
+    assert back["correct"].sum() == answered["correct"].astype(bool).sum() and back["correct"].isna().sum() == 20
     assert result.target_modules == ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                      "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
     # no head is trained for a causal LM: LoRA A and B only, 2 layers x 7 modules
@@ -139,9 +153,12 @@ def test_seq2seq_trial_reports_the_same_metrics(raw_config, assets):
     assert calls[-1]["eval_loss"] < calls[0]["eval_loss"]
     assert calls[-1]["eval_accuracy"] >= 0.9
     assert "layer.1.EncDecAttention.q" in result.target_modules  # all-linear reaches cross-attention too
+    ex = result.examples                                   # generate_size null: every eval example answered
+    assert len(ex) == 40 and ex["correct"].notna().all() and np.isfinite(ex["loss"].astype(float)).all()
+    assert ex["correct"].astype(bool).mean() == pytest.approx(result.metrics["eval_accuracy"])
 
 
-def test_plain_text_trial_reports_loss_and_perplexity_only(raw_config, assets):
+def test_plain_text_trial_reports_loss_and_perplexity_only(raw_config, assets, tmp_path):
     calls = []
     s = settings_for(raw_config, assets["llama"], "CAUSAL_LM", assets["txt"], label_column=None,
                      train_size=40, eval_size=20, max_length=16)
@@ -149,6 +166,13 @@ def test_plain_text_trial_reports_loss_and_perplexity_only(raw_config, assets):
     assert [set(m) for m in calls] == [{"eval_loss", "eval_perplexity"}] * 3
     assert "eval_accuracy" not in result.metrics
     assert calls[-1]["eval_loss"] < calls[0]["eval_loss"]
+    # per example: a loss only (no label, nothing predicted, no correctness)
+    ex = result.examples
+    assert len(ex) == 20 and ex["example_id"].is_unique
+    assert ex["correct"].isna().all() and ex["prediction"].isna().all() and ex["label"].isna().all()
+    assert np.isfinite(ex["loss"].astype(float)).all()
+    back = record.read_examples(record.write_examples(tmp_path / "ex.parquet", ex))
+    assert back["correct"].isna().all() and back["loss"].tolist() == pytest.approx(ex.sort_values("example_id")["loss"].tolist())
 
 
 # -- models, presets, QLoRA -----------------------------------------------------------------------
@@ -237,7 +261,7 @@ def test_report_table_adds_perplexity_and_shows_na_without_labels():
          "trainable_params": None, "trainable_pct": None, "peak_memory_mb": None, "epoch_time_s": None},
     ])
     table = report.guide_table(df)
-    assert list(table.columns)[:3] == ["Configuration", "Accuracy (%)", "Perplexity"]
+    assert list(table.columns)[:4] == ["Configuration", "Accuracy (%)", "95% CI", "Perplexity"]
     assert table["Accuracy (%)"].tolist() == ["87.5", "n/a"]
     assert table["Perplexity"].tolist() == ["1.23", "30.00"]
     assert "Perplexity" not in report.guide_table(df.drop(columns=["eval_perplexity"])).columns

@@ -234,6 +234,30 @@ def test_eval_split_is_ordered_by_length_with_the_same_examples():
     assert [x for x in ordered["labels"]][:2] == [1, 1]  # stable: equal lengths keep their order
 
 
+def test_eval_ids_follow_the_length_order_to_each_example_s_source_row(assets, tmp_path):
+    """Per-example results are keyed by the source row: after the split and the length sort, the
+    k-th eval example is row eval_ids[k] of the csv."""
+    from transformers import AutoTokenizer
+
+    from lora_sweep.config import DataConfig
+
+    rows = [(" ".join((POSITIVE if i % 2 else NEGATIVE)[:1 + (7 * i) % 8]), "pos" if i % 2 else "neg")
+            for i in range(120)]
+    path = tmp_path / "lengths.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([("text", "label"), *rows])
+    config = DataConfig(name_or_path=str(path), encoding=None, label_column="label", labels=None,
+                        train_size=80, eval_size=40, max_length=16)
+    tokenizer = AutoTokenizer.from_pretrained(assets[0])
+    raw, splits = data.load_splits(config), data.tokenized(config, tokenizer, "tiny")
+    assert sorted(splits.eval_ids) == sorted(raw.eval_ids) and len(set(raw.eval_ids)) == 40
+    assert splits.eval_ids != raw.eval_ids                   # the length sort moved them
+    for k, row in enumerate(splits.eval_ids):
+        text, label = rows[row]
+        assert splits.eval[k]["input_ids"] == tokenizer(text, truncation=True, max_length=16)["input_ids"]
+        assert raw.labels[splits.eval[k]["labels"]] == label
+
+
 def test_fast_dropout_trains_as_well_as_torch_dropout_with_its_own_masks(settings):
     import dataclasses
 

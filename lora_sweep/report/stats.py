@@ -1,0 +1,112 @@
+"""The statistics the report uses, as pure functions on arrays (no Optuna, no files).
+
+- wilson: a 95% Wilson score interval for one accuracy (k right out of n).
+- mcnemar: the exact McNemar test of two configurations scored on the same examples: of the
+  discordant pairs (one right, the other wrong), b went to the first and c to the second; under
+  "no difference" b ~ Binomial(b + c, 1/2), and the p-value is that binomial test's two-sided one.
+- holm: Holm's step-down adjustment of a family of p-values.
+- paired_bootstrap: a paired bootstrap over examples (the same resampled examples for both
+  configurations): the difference of a statistic (accuracy, macro F1, mean loss) with a percentile
+  interval. Seeded, so a rebuilt report reads the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+RESAMPLES = 2000
+LEVEL = 0.95
+
+
+def wilson(k: int, n: int, level: float = LEVEL) -> tuple[float, float]:
+    """Wilson score interval of the proportion k/n (scipy's binomtest(...).proportion_ci)."""
+    from scipy.stats import binomtest
+
+    if n <= 0:
+        return float("nan"), float("nan")
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=level, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+@dataclass(frozen=True)
+class McNemar:
+    b: int      # examples the first got right and the second wrong
+    c: int      # examples the first got wrong and the second right
+    n: int      # paired examples
+    p: float    # exact two-sided p-value
+
+
+def mcnemar(first_correct, second_correct) -> McNemar:
+    """Exact McNemar test on paired correctness (boolean arrays over the same examples, same order)."""
+    from scipy.stats import binomtest
+
+    a = np.asarray(first_correct, dtype=bool)
+    s = np.asarray(second_correct, dtype=bool)
+    if a.shape != s.shape:
+        raise ValueError(f"paired arrays differ in shape: {a.shape} vs {s.shape}")
+    b, c = int((a & ~s).sum()), int((~a & s).sum())
+    p = 1.0 if b + c == 0 else float(binomtest(b, b + c, 0.5, alternative="two-sided").pvalue)
+    return McNemar(b, c, int(a.size), p)
+
+
+def holm(pvalues) -> list[float]:
+    """Holm-adjusted p-values, in the order given: the i-th smallest of m is multiplied by m - i
+    (i from 0), made non-decreasing in that order, and capped at 1."""
+    p = np.asarray(list(pvalues), dtype=float)
+    m = p.size
+    out = np.empty(m)
+    running = 0.0
+    for rank, i in enumerate(np.argsort(p, kind="stable")):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out.tolist()
+
+
+@dataclass(frozen=True)
+class Difference:
+    estimate: float   # statistic(first) - statistic(second) on all paired examples
+    low: float        # percentile interval of the bootstrapped difference
+    high: float
+
+
+def paired_bootstrap(statistic, first: tuple, second: tuple, *, resamples: int = RESAMPLES, seed: int = 0,
+                     level: float = LEVEL) -> Difference:
+    """statistic(*first) - statistic(*second), with a percentile interval from resampling the
+    examples (one index draw serves both configurations: the pairs stay together).
+
+    `first`, `second`: tuples of arrays over the same n examples; `statistic` takes arrays whose
+    last axis runs over examples (a leading resample axis may come first) and reduces that axis."""
+    first = tuple(np.asarray(x) for x in first)
+    second = tuple(np.asarray(x) for x in second)
+    n = first[0].shape[-1]
+    estimate = float(statistic(*first) - statistic(*second))
+    if n == 0:
+        return Difference(float("nan"), float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for start in range(0, resamples, 500):  # 500 resamples at a time bounds the memory
+        idx = rng.integers(0, n, size=(min(500, resamples - start), n))
+        diffs.append(statistic(*(x[idx] for x in first)) - statistic(*(x[idx] for x in second)))
+    d = np.concatenate(diffs)
+    tail = 100 * (1 - level) / 2
+    return Difference(estimate, float(np.percentile(d, tail)), float(np.percentile(d, 100 - tail)))
+
+
+def mean(x):
+    return np.asarray(x, dtype=float).mean(axis=-1)
+
+
+def macro_f1(gold, predicted, classes=None):
+    """Macro F1 over `classes` (default: the gold labels present), along the last axis; a class
+    with no gold and no predicted example scores 0, as sklearn's zero_division=0 does."""
+    gold, predicted = np.asarray(gold), np.asarray(predicted)
+    classes = np.unique(gold) if classes is None else classes
+    scores = []
+    for k in classes:
+        g, p = gold == k, predicted == k
+        tp = (g & p).sum(axis=-1)
+        denom = g.sum(axis=-1) + p.sum(axis=-1)
+        scores.append(np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0))
+    return np.mean(scores, axis=0)
