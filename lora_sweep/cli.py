@@ -1,6 +1,8 @@
 """python -m lora_sweep +sweep=rank [overrides]      run (or resume) a sweep
 python -m lora_sweep report +sweep=rank              rebuild reports/rank/ from stored results
 python -m lora_sweep report sweep=rank,bias          one report over several stored sweeps
+python -m lora_sweep ui sweep=rank [ui.port=N]       the MLflow UI on the sweep, until Ctrl-C
+python -m lora_sweep export sweep=rank [trial=N]     the recommended (or trial N's) adapter, verified
 
 Reads as the data flow: compose (Hydra) -> validate (lora_sweep.config) -> sweep or report. The
 one error boundary: a ConfigError from any stage becomes one line and exit 2.
@@ -55,6 +57,12 @@ def normalise_argv(args: list[str]) -> list[str]:
             out.append(a)
         elif a == "report":
             out.append("mode=report")
+        elif a == "export":
+            out.append("mode=export")
+        elif a == "ui":
+            out.append("mode=ui")
+        elif a.startswith(("trial=", "dest=")) and "export" in args:  # export's own keys, unprefixed
+            out.append(f"export.{a}")
         elif a.startswith(("sweep=", "+sweep=")):
             names = [n.strip() for n in a.split("=", 1)[1].split(",")]
             out.append(f"+sweep={names[0]}")
@@ -107,6 +115,14 @@ def run(cfg) -> int:
         quiet_third_party()
         if config.mode == "report":
             return _report(config)
+        if config.mode == "ui":
+            from lora_sweep.run.ui import serve_ui
+
+            return serve_ui(config)
+        if config.mode == "export":
+            from lora_sweep.report.export import export
+
+            return export(config)
         if len(config.report.sweeps) > 1:
             raise ConfigError(f"report.sweeps={list(config.report.sweeps)}: several sweeps go into one report "
                               f"only in report mode (python -m lora_sweep report sweep=a,b); run sweeps one "

@@ -119,7 +119,85 @@ class Tracker:
             closed.append(run.info.run_id)
         return closed
 
+    # -- the sweep at a glance (parent run) --------------------------------------------------
+    def log_series(self, run_id: str, series: Mapping[str, Mapping[int, float]]) -> None:
+        """Metric series over the trial number (MLflow step); a step already in a metric's history
+        is not logged again, so a resumed sweep or a rebuilt report adds only the new trials."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = []
+        for key, points in series.items():
+            logged = {m.step for m in self.client.get_metric_history(run_id, key)}
+            batch += [Metric(key, float(v), now, int(step)) for step, v in sorted(points.items())
+                      if step not in logged and v is not None and math.isfinite(float(v))]
+        for i in range(0, len(batch), 1000):  # MLflow's log_batch limit
+            self.client.log_batch(run_id, metrics=batch[i:i + 1000])
+
+    def log_table(self, run_id: str, frame, artifact_file: str) -> None:
+        """A table artifact, as MlflowClient.log_table writes it (JSON, orient=split) and tagged the
+        same way, but replaced rather than appended to: each call holds every row exactly once."""
+        import json
+        import posixpath
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / posixpath.basename(artifact_file)
+            frame.to_json(local, orient="split", index=False, date_format="iso")
+            self.client.log_artifact(run_id, str(local), posixpath.dirname(artifact_file) or None)
+        tag = "mlflow.loggedArtifacts"
+        logged = json.loads(self.client.get_run(run_id).data.tags.get(tag, "[]"))
+        if {"path": artifact_file, "type": "table"} not in logged:
+            self.client.set_tag(run_id, tag, json.dumps([*logged, {"path": artifact_file, "type": "table"}]))
+
+    def log_image(self, run_id: str, path: Path, key: str, step: int) -> None:
+        """A PNG as an MLflow image (the run's chart view shows it) under key at step; skipped when
+        that key already has an image at that step."""
+        from PIL import Image
+
+        prefix = f"images/{key.replace('/', '~')}+step+{step}+"  # how MLflow 3 names a logged image
+        if any(f.path.startswith(prefix) for f in self.client.list_artifacts(run_id, "images")):
+            return
+        with Image.open(path) as image:
+            self.client.log_image(run_id, image.convert("RGB"), key=key, step=step)
+
+    def experiment_url(self, base: str, run_id: str | None = None) -> str:
+        return ui_url(base, self.experiment_id, run_id)
+
     # -- reading back -----------------------------------------------------------------------
+    def download_artifacts(self, run_id: str, path: str, dst: Path) -> Path | None:
+        """A run's artifact folder, downloaded under dst; None when the run has no such artifact."""
+        try:
+            if not self.client.list_artifacts(run_id, path):
+                return None
+            return Path(self.client.download_artifacts(run_id, path, str(dst)))
+        except Exception as e:  # the run was deleted, or its artifacts are out of reach
+            log.warning("Cannot read artifact %s of MLflow run %s: %s", path, run_id, e)
+            return None
+
+    @property
+    def has_registry(self) -> bool:
+        """A model registry exists where the store is a database or a server (file stores have none here)."""
+        return self.uri.startswith(("sqlite:", "postgresql", "mysql", "mssql", "http:", "https:", "databricks"))
+
+    def register_folder(self, run_id: str, local_dir: Path, artifact_path: str, name: str,
+                        description: str = "", tags: Mapping[str, Any] | None = None) -> str:
+        """Log local_dir as the run's artifact and register it as a new version of model `name`
+        (MLflow 3's register_model wants an MLmodel file; a version made from the artifact URI does not).
+        Returns the version number."""
+        from mlflow.exceptions import MlflowException
+
+        self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as e:
+            if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code) and "already exists" not in str(e):
+                raise
+        source = f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+        version = self.client.create_model_version(name, source=source, run_id=run_id, description=description,
+                                                   tags={k: str(v) for k, v in (tags or {}).items()})
+        return str(version.version)
+
     def child_runs(self, parent_id: str):
         return self.client.search_runs([self.experiment_id],
                                        filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
@@ -152,3 +230,20 @@ def _param(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return ",".join(map(str, value))
     return str(value)
+
+
+# MLflow 3's UI opens an experiment in its GenAI view (traces) unless the URL (or the browser's stored
+# choice) says otherwise: every URL we print asks for the model-training view.
+WORKFLOW_QUERY = "workflowType=machine_learning"
+DEFAULT_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+
+
+def ui_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI's page of an experiment's runs, or of one run, in the model-training view."""
+    page = f"#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    return f"{base.rstrip('/')}/{page}?{WORKFLOW_QUERY}"
+
+
+def ui_base(uri: str) -> str | None:
+    """The UI of a tracking server (its URI is the UI), else None (a local store needs `mlflow ui`)."""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else None

@@ -7,11 +7,11 @@ tracking URI or local path must be) < schema (dataclasses) < load (DictConfig ->
 from lora_sweep.config.checks import ConfigError, flatten, flatten_paths
 from lora_sweep.config.load import from_dictconfig, from_mapping
 from lora_sweep.config.paths import resolve_path
-from lora_sweep.config.schema import (Config, DataConfig, LoraSettings, ModelConfig, Paths, ReportConfig,
+from lora_sweep.config.schema import (Config, DataConfig, ExportConfig, LoraSettings, ModelConfig, Paths, ReportConfig,
                                       StudyConfig, TrackingConfig, TrainConfig, TrialSettings, Variant)
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "ReportConfig", "LoraSettings", "ModelConfig", "Paths", "StudyConfig",
+    "Config", "ConfigError", "DataConfig", "ExportConfig", "ReportConfig", "LoraSettings", "ModelConfig", "Paths", "StudyConfig",
     "TrackingConfig", "TrainConfig", "TrialSettings", "Variant", "flatten", "flatten_paths", "from_dictconfig",
     "from_mapping", "resolve_path",
 ]

@@ -12,8 +12,8 @@ from typing import Any, Mapping
 
 from lora_sweep.config.checks import ConfigError, _build, _one_of, _require, flatten, flatten_paths
 from lora_sweep.config.names import MODES, METRIC_DIRECTIONS, metric_names
-from lora_sweep.config.schema import (_GROUP_TYPES, Config, Paths, ReportConfig, StudyConfig, TrackingConfig,
-                                      TrialSettings, Variant)
+from lora_sweep.config.schema import (_GROUP_TYPES, Config, ExportConfig, Paths, ReportConfig, StudyConfig, TrackingConfig,
+                                      TrialSettings, UiConfig, Variant)
 
 
 def from_dictconfig(cfg: Any) -> Config:
@@ -45,11 +45,15 @@ def from_mapping(raw: Mapping[str, Any]) -> Config:
     _one_of("mode", mode, MODES)
     report = _build(ReportConfig, raw.get("report") or {}, "report")
     report.validate()
+    export = _build(ExportConfig, raw.get("export") or {}, "export")
+    export.validate()
+    ui = _build(UiConfig, raw.get("ui") or {}, "ui")
+    ui.validate()
     conditions = {str(k): dict(v) if isinstance(v, Mapping) else v
                   for k, v in flatten_paths(raw.get("conditions") or {}).items()}
     exclude = {str(k): v for k, v in (raw.get("exclude") or {}).items() if v is not None}
     config = Config(base=base, study=study, tracking=tracking, paths=paths, space=space,
-                    variants=variants, mode=mode, report=report,
+                    variants=variants, mode=mode, report=report, export=export, ui=ui,
                     conditions=conditions, exclude=exclude)
     base.validate()
     study.validate()

@@ -15,7 +15,7 @@ METRIC_DIRECTIONS = {"eval_accuracy": "maximize", "eval_f1": "maximize", "eval_l
 COST_OBJECTIVES = ("trainable_pct", "peak_memory_mb", "epoch_time_s")
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
-MODES = ("sweep", "report")
+MODES = ("sweep", "report", "export", "ui")
 
 
 # study.sampler / study.pruner: lora_sweep.search.samplers maps each name to its Optuna factory.

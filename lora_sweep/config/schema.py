@@ -283,6 +283,34 @@ class ReportConfig:
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    """Export mode: one trial's adapter, head, tokenizer and model card, verified (python -m lora_sweep export)."""
+    trial: Any = None             # a trial number; null = the report's recommendation
+    dest: str | None = None       # the folder; null = exports/<sweep>/trial-<N>
+    registered_name: str | None = None  # MLflow registry name; null = lora-sweep-<sweep>
+
+    def validate(self) -> None:
+        _require(self.trial is None or (isinstance(self.trial, int) and not isinstance(self.trial, bool)
+                                        and self.trial >= 0), "export.trial", self.trial,
+                 "null (the recommended trial) or a trial number >= 0 (the report's Trial column: #3 -> trial=3)")
+        _require(self.dest is None or (isinstance(self.dest, str) and self.dest), "export.dest", self.dest,
+                 "null (exports/<sweep>/trial-<N>) or a folder")
+        _require(self.registered_name is None or (isinstance(self.registered_name, str) and self.registered_name),
+                 "export.registered_name", self.registered_name, "null (lora-sweep-<sweep>) or a model name")
+
+
+@dataclass(frozen=True)
+class UiConfig:
+    """UI mode: the MLflow UI on the sweep's store (python -m lora_sweep ui sweep=rank)."""
+    port: Any = None              # null = a free port on 127.0.0.1
+
+    def validate(self) -> None:
+        _require(self.port is None or (isinstance(self.port, int) and not isinstance(self.port, bool)
+                                       and 0 < self.port < 65536), "ui.port", self.port,
+                 "null (a free port) or a port number 1-65535")
+
+
+@dataclass(frozen=True)
 class Paths:
     sweeps_dir: Path
     reports_dir: Path
@@ -336,6 +364,8 @@ class Config:
     variants: Mapping[str, Variant]
     mode: str = "sweep"
     report: ReportConfig = ReportConfig()
+    export: ExportConfig = ExportConfig()
+    ui: UiConfig = UiConfig()
     conditions: Mapping[str, Mapping] = dataclasses.field(default_factory=dict)  # path -> {when/requires}
     exclude: Mapping[str, Mapping] = dataclasses.field(default_factory=dict)     # name -> {when, message}
 

@@ -343,6 +343,9 @@ def publish(config: Config, study: optuna.Study, md: Path, tracker=None) -> None
     try:
         tracker = tracker or Tracker(config.tracking_uri, config.experiment_name)
         tracker.describe(parent, description(md))
+        from lora_sweep.report.mlflow_view import publish_view  # series, recommendation, table, images
+
+        publish_view(config, study, md, tracker, parent, guide_table(trials_frame(study)))
         if config.tracking.log_artifacts:
             for path in artifacts(md):
                 tracker.log_artifact(parent, path, "report")
@@ -357,16 +360,19 @@ def summary(config: Config, study: optuna.Study) -> str:
     best = ""
     done = df[df["status"] == "complete"]
     if len(done):
+        from lora_sweep.report.recommend import recommended_trial  # the one pick; export uses it too
+
         metric = config.study.metric
-        sign = 1 if config.study.direction == "maximize" else -1  # ties: the smaller adapter, as in the findings
-        pick = max(done.index, key=lambda i: (sign * done.loc[i, metric], -done.loc[i, "trainable_params"]))
-        value = done.loc[pick, metric]
-        best = f"Best: {done.loc[pick, 'label']} ({metric}={value:.4f})\n" if not math.isnan(value) else ""
-    store = config.tracking_uri
+        chosen = recommended_trial(config, study)
+        picks = done.index[done["trial"] == chosen.number] if chosen is not None else []
+        value = done.loc[picks[0], metric] if len(picks) else math.nan
+        best = f"Best: {done.loc[picks[0], 'label']} ({metric}={value:.4f})\n" if not math.isnan(value) else ""
+    from lora_sweep.report.mlflow_view import browse_line
+
     return "\n".join([
         "", to_markdown(table) if len(table) else "No complete trials.", "", best
         + f"Report: {config.report_dir / 'report.md'} (and report.csv)",
-        f"MLflow: experiment {config.experiment_name!r}; browse with: mlflow ui --backend-store-uri {store}",
+        browse_line(config, study),
     ])
 
 

@@ -140,7 +140,7 @@ def _run(config: Config, space: SearchSpace, sampler: str, device: str, orphans:
         log.info("Warm start ignored: a grid visits every point anyway (study.sampler=%s)", sampler)
 
     log.info("Device: %s. Running %d trial(s); MLflow experiment %r at %s", meta["device"], n,
-             config.experiment_name, redact(config.tracking_uri))
+             config.experiment_name, redact(_where(config, tracker, parent)))
     tags = {"study_name": config.study.name, "device": meta["device"], "git_commit": meta["git_commit"],
             **{f"version.{k}": v for k, v in meta["versions"].items()}}
     grid = sampler == "grid"
@@ -189,6 +189,14 @@ def _run(config: Config, space: SearchSpace, sampler: str, device: str, orphans:
         front, path = pareto.store(config, study)
         print(pareto.format_front(config, front) + f"\nPareto front: {path}", flush=True)
     return study
+
+
+def _where(config: Config, tracker, parent: str) -> str:
+    """The tracking store, or on a tracking server the parent run's page (model-training view)."""
+    from lora_sweep.tracking import ui_base
+
+    base = ui_base(config.tracking_uri)
+    return tracker.experiment_url(base, parent) if base else config.tracking_uri
 
 
 def _fail_stale(study: optuna.Study) -> list[int]:
