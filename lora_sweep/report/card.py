@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 
+from lora_sweep.report.stats import wilson
+
 
 def base_lines(meta: dict) -> list[str]:
     """Python lines that set `base` (and `extra`, from_pretrained's other keywords) from the name the sweep used."""
@@ -46,13 +48,6 @@ def load_code(meta: dict) -> str:
               "# the LoRA weights and the modules trained in full (modules_to_save: the classifier head)",
               "model = PeftModel.from_pretrained(model, folder)", "model.eval()"]
     return "\n".join(lines) + "\n"
-
-
-def wilson(correct: int, n: int) -> tuple[float, float]:
-    from scipy.stats import binomtest
-
-    ci = binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson")
-    return float(ci.low), float(ci.high)
 
 
 def _fmt(v) -> str:

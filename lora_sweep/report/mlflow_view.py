@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 
 from lora_sweep import record
 from lora_sweep.config import Config
+from lora_sweep.report.stats import wilson
 
 TABLE_FILE = "comparison_table.json"
 
@@ -43,14 +44,6 @@ def sweep_series(config: Config, study) -> dict[str, dict[int, float]]:
     return out
 
 
-def wilson(accuracy: float, n: int) -> tuple[float, float]:
-    """The Wilson 95% interval of an accuracy measured on n examples."""
-    from scipy.stats import binomtest
-
-    ci = binomtest(int(round(accuracy * n)), n).proportion_ci(confidence_level=0.95, method="wilson")
-    return float(ci.low), float(ci.high)
-
-
 def recommended_figures(config: Config, study) -> dict[str, float]:
     """The recommended trial (the report's pick) as single-value metrics."""
     from lora_sweep.report.recommend import recommended_trial
@@ -70,7 +63,7 @@ def recommended_figures(config: Config, study) -> dict[str, float]:
     n = record.meta(study).get("eval_size")
     accuracy = out.get("recommended/eval_accuracy")
     if accuracy is not None and isinstance(n, int) and n > 0:
-        out["recommended/eval_accuracy_ci_low"], out["recommended/eval_accuracy_ci_high"] = wilson(accuracy, n)
+        out["recommended/eval_accuracy_ci_low"], out["recommended/eval_accuracy_ci_high"] = wilson(round(accuracy * n), n)
     return out
 
 

@@ -21,14 +21,12 @@ HOST = "127.0.0.1"
 
 def parent_run(config: Config):
     """(tracker, parent run id) of a sweep that ran; a ConfigError naming the sweep otherwise."""
+    from lora_sweep.report.table import check_exists
     from lora_sweep.search.study import load_study
     from lora_sweep.tracking import Tracker
 
     name = config.study.name
-    stored = [config.study_dir / "study.db", config.study_dir / "study.journal"]
-    if config.study.storage is None and not any(p.exists() for p in stored):
-        raise ConfigError(f"sweep={name}: this sweep never ran (no {stored[0]}); run it first: "
-                          f"python -m lora_sweep +sweep={name}")
+    check_exists(config)
     parent = record.parent_run_id(load_study(config))
     if parent is None:
         raise ConfigError(f"sweep={name}: no trial of this sweep has started, so it has no MLflow run; "
