@@ -32,6 +32,8 @@ class TrialRecord:
     label: str = ""                          # the point's label: "r=8", "qkvo, bias=all", ...
     excluded: str = ""                       # an `exclude` rule's message: the point was never trained
     warm_start: bool = False                 # enqueued by study.warm_start
+    stage: str = ""                          # "confirm": a confirmation run (companion study), "" = the search
+    confirms: int | None = None              # a confirmation run's search trial (the configuration it repeats)
     device: str = ""                         # cpu | cuda
     worker: str = ""                         # host:pid of the process that ran it
     memory_before_mb: float | None = None    # process RSS at the trial's start (after releasing memory)
@@ -55,6 +57,7 @@ class TrialRecord:
     epochs: list = field(default_factory=list)        # eval metrics of each evaluation
     memory_kind: str = ""                             # what peak_memory_mb measures (lora_sweep.report)
     batch_shapes: dict = field(default_factory=dict)  # "BxL" -> training batches of that padded shape
+    lora_params: int | None = None           # trainable LoRA weights alone (lora_A/B, DoRA magnitudes), no head
     # how it ended, when not complete
     error: str | None = None                 # a failed trial's reason
     memory_after_mb: float | None = None     # process RSS after a failed trial released its memory
@@ -168,9 +171,10 @@ def set_pareto_front(study, numbers) -> None:
 EXAMPLE_COLUMNS = ("example_id", "label", "prediction", "correct", "loss")
 
 
-def examples_path(study_dir, number: int) -> Path:
-    """Where trial `number` of the study stored in `study_dir` keeps its per-example results."""
-    return Path(study_dir) / "examples" / f"trial-{int(number)}.parquet"
+def examples_path(study_dir, number: int, stage: str = "") -> Path:
+    """Where trial `number` of the study stored in `study_dir` keeps its per-example results
+    (stage="confirm": a confirmation run, numbered in the companion study)."""
+    return Path(study_dir, stage) / "examples" / f"trial-{int(number)}.parquet"
 
 
 def write_examples(path, frame) -> Path:

@@ -102,15 +102,17 @@ class Tracker:
     def finish_trial(self, run_id: str, outcome: str) -> None:
         self.client.set_terminated(run_id, status=STATUS[outcome])
 
-    def close_orphans(self, parent_id: str, trial_states: Mapping[int, str]) -> list[str]:
+    def close_orphans(self, parent_id: str, trial_states: Mapping[str, str]) -> list[str]:
         """Child runs left RUNNING by a worker that died (SIGKILL, power loss): once Optuna no
-        longer counts their trial as running, mark them KILLED with the reason. Returns run ids."""
+        longer counts their trial as running, mark them KILLED with the reason. Returns run ids.
+        trial_states: "N" (search trial N) or "confirm:N" (confirmation run N) -> state name."""
         closed = []
         for run in self.client.search_runs([self.experiment_id], max_results=10_000,
                                            filter_string=f"tags.mlflow.parentRunId = '{parent_id}' "
                                                          f"and attributes.status = 'RUNNING'"):
             number = run.data.tags.get("optuna_trial_number")
-            state = trial_states.get(int(number)) if number is not None and number.isdigit() else None
+            stage = run.data.tags.get("stage")
+            state = trial_states.get(f"{stage}:{number}" if stage else str(number)) if number is not None else None
             if state == "RUNNING":
                 continue  # another worker is training it right now
             self.set_tags(run.info.run_id, {"status": "failed", "error": f"worker died mid-trial (Optuna trial "

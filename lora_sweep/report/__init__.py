@@ -1,5 +1,6 @@
-"""report: stored results -> the comparison table (table), findings with their noise bands (findings),
-plots, the Pareto front (pareto), and one report over several sweeps (combined)."""
+"""report: stored results -> rows (frame) -> the comparison table (table), findings with their paired
+tests (findings, paired, stats), the confirmation stage's verdict (confirm), the one recommendation
+(recommend), plots, the Pareto front (pareto), one report over several sweeps (combined), export."""
 
 from lora_sweep.report.table import (COLUMNS, check_exists, guide_table, notes_lines, publish, summary,
                                      trials_frame, write_report)

@@ -23,7 +23,7 @@ from lora_sweep import record
 from lora_sweep.config import Config, ConfigError
 from lora_sweep.config.urls import redact
 from lora_sweep.report.card import render
-from lora_sweep.report.recommend import recommended_trial, rule
+from lora_sweep.report.recommend import recommend
 from lora_sweep.report.verify_export import META, predict
 
 log = logging.getLogger("lora_sweep")
@@ -105,11 +105,12 @@ def _pick(config: Config, study):
     from optuna.trial import TrialState
 
     if config.export.trial is None:
-        trial = recommended_trial(config, study)
-        if trial is None:
+        chosen = recommend(config, study)
+        if chosen is None:
             raise ConfigError(f"sweep={config.study.name}: no trial completed, so there is nothing to export; "
                               f"run the sweep until one completes, then export")
-        return trial, f"the report's recommendation ({rule(config)}; no confirmation stage yet)"
+        note = "" if chosen.confirmed else "; not confirmed across seeds (study.confirm adds that stage)"
+        return chosen.trial, f"the report's recommendation ({chosen.how}{note})"
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     trial = trials.get(config.export.trial)
     if trial is None or trial.state != TrialState.COMPLETE:

@@ -170,6 +170,18 @@ def sweep_findings(df: pd.DataFrame, eval_size: int | None, importances: dict | 
     return lines
 
 
+def paired_pick(df: pd.DataFrame, examples: dict | None) -> Level | None:
+    """The configuration the paired findings recommend (report/recommend.py turns it into a trial);
+    None without per-example results."""
+    done = complete(df)
+    if not len(done) or not examples or not paired.has_examples(done, examples):
+        return None
+    vary = varied(done)
+    column = vary[0] if len(vary) == 1 else None
+    numeric = column is not None and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in done[column])
+    return paired.pick(done, levels(done, column), numeric, examples)
+
+
 def _varied_line(vary: list[str], importances: dict | None) -> str:
     what = ", ".join(f"`{c.removeprefix('param.')}`" for c in vary)
     line = f"{len(vary)} parameters varied together ({what}), so no single parameter's effect is isolated"

@@ -3,7 +3,7 @@
 - metric series over the trial number (MLflow step = Optuna trial number): each complete trial's
   study.metric (`sweep/<metric>`) and the best so far (`sweep/best_<metric>`);
 - the recommended configuration's figures (`recommended/...`), with the Wilson 95% interval of its
-  accuracy when the eval set's size is known;
+  accuracy when the eval set's size is known, and after a confirmation stage its mean and sd over seeds;
 - the comparison table as an MLflow table artifact (`comparison_table.json`), replaced at each
   publish so a resumed sweep holds each row once;
 - the report's plots as MLflow images (key = plot name, step = complete trials so far).
@@ -60,6 +60,14 @@ def recommended_figures(config: Config, study) -> dict[str, float]:
             continue
         if not math.isnan(value):
             out[f"recommended/{name}"] = value
+    from lora_sweep.report.confirm import verdict
+
+    v = verdict(config, study)  # confirmed across seeds: the configuration's mean and sd over them
+    mine = next((c for c in v.configs if c.trial == chosen.number), None) if v is not None and v.complete else None
+    out["recommended/confirmed"] = float(mine is not None)
+    if mine is not None:
+        out.update({f"recommended/{config.study.metric}_seed_mean": mine.mean,
+                    f"recommended/{config.study.metric}_seed_sd": mine.sd, "recommended/seeds": float(len(mine.values))})
     n = record.meta(study).get("eval_size")
     accuracy = out.get("recommended/eval_accuracy")
     if accuracy is not None and isinstance(n, int) and n > 0:

@@ -89,6 +89,26 @@ def sentence(a, b, c: dict, p_adj: float, alpha: float = 0.05) -> str:
     return f"not supported: {a.name} vs {b.name}, {_pts(d.estimate)} points ({detail})"
 
 
+def pick(done: pd.DataFrame, lv: list, numeric: bool, examples: dict):
+    """The level paired_lines recommends: the cheapest of the most accurate and those its Holm-adjusted
+    McNemar tests cannot tell from it (the same family as the findings)."""
+    pooled = [_pooled(x, done, examples) for x in lv]
+    pairs = comparisons(lv, numeric)
+    tests = []
+    for i, j in pairs:
+        m = pooled[i].merge(pooled[j], on=["_run", "example_id"], suffixes=("_a", "_b"))
+        m = m[m["correct_a"].notna() & m["correct_b"].notna()]
+        tests.append(stats.mcnemar(m["correct_a"].astype(bool).to_numpy(), m["correct_b"].astype(bool).to_numpy()).p)
+    best = lv[pairs[0][0]] if pairs else lv[0]
+    adjusted = stats.holm(tests)
+    tied = [lv[j] for (i, j), p in zip(pairs[:len(lv) - 1], adjusted) if p >= 0.05]
+    cheapest = min([best, *tied], key=lambda x: x.params)
+    return cheapest if cheapest.params < CHEAPER * best.params else best
+
+
+CHEAPER = 0.95  # "cheaper" means 5% fewer trainable parameters at least: a budget sweep's rounding is not a saving
+
+
 def paired_lines(done: pd.DataFrame, lv: list, name: str | None, numeric: bool, examples: dict) -> list[str]:
     """Findings from paired tests over the levels `lv` (findings.levels order); `name`: the swept knob,
     None when configurations are compared by label."""
@@ -112,9 +132,10 @@ def paired_lines(done: pd.DataFrame, lv: list, name: str | None, numeric: bool, 
     text = f"Best configuration: {best.ref}, {best.acc:.1f}% accuracy with {best.pct:.2f}% of parameters trainable."
     if tied:
         cheapest = min([best, *tied], key=lambda x: x.params)
+        cheapest = cheapest if cheapest.params < CHEAPER * best.params else best
         text += (f" Not distinguishable from it (Holm-adjusted McNemar p≥0.05): {', '.join(x.name for x in tied)}"
                  + (f"; the cheapest of these is {cheapest.ref}, {cheapest.pct:.2f}% trainable."
-                    if cheapest is not best else "; none trains fewer parameters."))
+                    if cheapest is not best else "; none trains 5% fewer parameters or more."))
     lines.append(text)
     lines.append(f"Statistics: {len(pairs)} paired comparison(s) on the same eval examples (each configuration "
                  "against the most accurate" + (", plus adjacent steps" if numeric and name else "")

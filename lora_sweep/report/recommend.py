@@ -1,21 +1,67 @@
-"""The report's recommendation, in one place: the report's "Best" line and `export` both ask here.
+"""The report's recommendation, in one place: the report, the summary, the MLflow view and `export`
+all ask here, so they never disagree.
 
-Today: the complete trial with the best study.metric; a tie goes to the fewer trainable parameters
-(the smaller adapter), then to the earlier trial. A later confirmation stage replaces the rule here.
+- After a complete confirmation stage (report/confirm.py): its winner, or the cheapest
+  configuration statistically indistinguishable from the best over seeds and examples.
+- Otherwise, with per-example results: the cheapest configuration the paired tests cannot tell
+  from the most accurate one (report/paired.py: exact McNemar, Holm; fewest trainable parameters,
+  then time), one seed.
+- Otherwise (older studies): the best study.metric, ties to fewer trainable parameters.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from lora_sweep.config import Config
 from lora_sweep.record import TrialRecord
 
-RULE = "the best {metric} among complete trials, ties to fewer trainable parameters"
+
+@dataclass(frozen=True)
+class Recommendation:
+    trial: object    # the search trial (FrozenTrial) to use: the configuration's own run
+    how: str         # the rule that picked it, in words
+    confirmed: bool  # across seeds (a confirmation stage), not from one run
+
+
+def recommend(config: Config, study) -> Recommendation | None:
+    """The recommended configuration's search trial and why; None without a complete trial."""
+    from lora_sweep.report.confirm import verdict
+
+    v = verdict(config, study)
+    if v is not None and v.complete:
+        chosen = v.recommended
+        how = (f"the confirmation stage's winner over {len(chosen.values)} seeds" if v.winner is not None else
+               f"the cheapest configuration statistically indistinguishable from the best over "
+               f"{len(v.best.values)} seeds (confirmation stage)")
+        return Recommendation(study.trials[chosen.trial], how, True)
+    picked = _paired_pick(config, study)
+    if picked is not None:
+        return picked
+    best = best_trial(config, study)
+    if best is None:
+        return None
+    return Recommendation(best, f"the best {config.study.metric} among complete trials, ties to fewer trainable "
+                                "parameters; no paired test backs it (those need per-example accuracy of a "
+                                "classifier or of labelled generation)", False)
 
 
 def recommended_trial(config: Config, study):
-    """The recommended FrozenTrial, or None when no complete trial has a value of study.metric."""
+    """The recommended FrozenTrial, or None."""
+    r = recommend(config, study)
+    return None if r is None else r.trial
+
+
+def rule(config: Config, study=None) -> str:
+    """How the recommendation was picked, in words."""
+    r = recommend(config, study) if study is not None else None
+    return r.how if r is not None else f"the best {config.study.metric} among complete trials"
+
+
+def best_trial(config: Config, study):
+    """The complete trial with the best study.metric; a tie goes to fewer trainable parameters, then
+    to the earlier trial."""
     from optuna.trial import TrialState
 
     sign = 1 if config.study.direction == "maximize" else -1
@@ -32,6 +78,38 @@ def recommended_trial(config: Config, study):
     return best
 
 
-def rule(config: Config) -> str:
-    """How the recommendation was picked, in words."""
-    return RULE.format(metric=config.study.metric)
+def _paired_pick(config: Config, study) -> Recommendation | None:
+    """One seed, paired tests: the findings' "cheapest of these" configuration, as a trial."""
+    from lora_sweep.report.findings import paired_pick
+    from lora_sweep.report.frame import load_examples, trials_frame
+
+    df = trials_frame(study)
+    if not len(df):
+        return None
+    level = paired_pick(df, load_examples(config.study_dir, df))
+    if level is None:
+        return None
+    done = df[df["trial"].isin(level.trials)]
+    metric = done[config.study.metric].astype(float)
+    number = int(done.loc[metric.idxmax() if config.study.direction == "maximize" else metric.idxmin(), "trial"])
+    return Recommendation(study.trials[number], "the cheapest configuration the paired tests (McNemar, Holm) "
+                                                "cannot tell from the most accurate, on one seed", False)
+
+
+def section(config: Config, study) -> list[str]:
+    """The report's confirmation section (when the sweep has one) and its recommendation line."""
+    from lora_sweep.report.confirm import section as confirmation, verdict
+
+    v = verdict(config, study)
+    lines = confirmation(v) if v is not None else []
+    r = recommend(config, study)
+    if r is None:
+        return lines
+    rec = TrialRecord.from_trial(r.trial)
+    lines += ["", "## Recommendation", "",
+              f"**{rec.label}** (trial #{r.trial.number}): {r.how}. `python -m lora_sweep export "
+              f"sweep={config.study.name}` writes its adapter, head and tokenizer and checks they load."]
+    if not r.confirmed:
+        lines.append("One seed only: set study.confirm (e.g. `study.confirm={top_k: 3, seeds: 3}`) to re-train the "
+                     "top configurations under more seeds before trusting a small difference.")
+    return lines

@@ -8,6 +8,9 @@
 - paired_bootstrap: a paired bootstrap over examples (the same resampled examples for both
   configurations): the difference of a statistic (accuracy, macro F1, mean loss) with a percentile
   interval. Seeded, so a rebuilt report reads the same.
+- two_level_bootstrap: the same for configurations run under several seeds (the confirmation
+  stage): seeds resampled per configuration, examples resampled in pairs; a percentile interval
+  and a two-sided bootstrap p-value; holm_levels gives each interval its Holm step-down level.
 """
 
 from __future__ import annotations
@@ -110,3 +113,59 @@ def macro_f1(gold, predicted, classes=None):
         denom = g.sum(axis=-1) + p.sum(axis=-1)
         scores.append(np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0))
     return np.mean(scores, axis=0)
+
+
+@dataclass(frozen=True)
+class SeedDifference:
+    """A difference of means over seeds, with its two-level bootstrap distribution."""
+    estimate: float         # mean over first's seeds - mean over second's seeds, on all paired examples
+    samples: np.ndarray     # the bootstrapped differences
+
+    def interval(self, level: float = LEVEL) -> tuple[float, float]:
+        tail = 100 * (1 - level) / 2
+        return float(np.percentile(self.samples, tail)), float(np.percentile(self.samples, 100 - tail))
+
+    @property
+    def p(self) -> float:
+        """Two-sided bootstrap p-value of "no difference": twice the smaller tail beyond 0, with the
+        (k + 1) / (B + 1) correction, so it is never 0."""
+        b = self.samples.size
+        tail = min(int((self.samples <= 0).sum()), int((self.samples >= 0).sum()))
+        return float(min(1.0, 2 * (tail + 1) / (b + 1)))
+
+
+def two_level_bootstrap(statistic, first: list, second: list, *, resamples: int = 4000,
+                        seed: int = 0) -> SeedDifference:
+    """Two configurations, each run under several seeds and scored on the same n examples: the
+    difference of statistic averaged over seeds, resampled at both levels at once. Each resample
+    draws seeds with replacement for each configuration (training noise) and one set of examples
+    shared by both (sampling noise, paired). `first`, `second`: one tuple of arrays per seed,
+    like paired_bootstrap's; `statistic` as there."""
+    first = [tuple(np.asarray(x) for x in run) for run in first]
+    second = [tuple(np.asarray(x) for x in run) for run in second]
+    n = first[0][0].shape[-1]
+    if any(x.shape[-1] != n for run in first + second for x in run):
+        raise ValueError("every run must be scored on the same examples")
+    estimate = float(np.mean([statistic(*r) for r in first]) - np.mean([statistic(*r) for r in second]))
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for start in range(0, resamples, 500):  # 500 resamples at a time bounds the memory
+        size = min(500, resamples - start)
+        idx = rng.integers(0, n, size=(size, n))
+        sides = []
+        for runs in (first, second):
+            per_seed = np.stack([statistic(*(x[idx] for x in run)) for run in runs])  # (seeds, size)
+            pick = rng.integers(0, len(runs), size=(size, len(runs)))                  # seeds drawn
+            sides.append(np.take_along_axis(per_seed.T, pick, axis=1).mean(axis=1))
+        diffs.append(sides[0] - sides[1])
+    return SeedDifference(estimate, np.concatenate(diffs))
+
+
+def holm_levels(pvalues, level: float = LEVEL) -> list[float]:
+    """The confidence level of each comparison's interval under Holm's step-down: the i-th smallest
+    p of m is tested at alpha / (m - i), so its interval is a 1 - alpha / (m - i) one."""
+    p = np.asarray(list(pvalues), dtype=float)
+    out = np.empty(p.size)
+    for rank, i in enumerate(np.argsort(p, kind="stable")):
+        out[i] = 1 - (1 - level) / (p.size - rank)
+    return out.tolist()

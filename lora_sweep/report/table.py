@@ -16,122 +16,16 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
-from optuna.trial import TrialState
 
 from lora_sweep import record
 from lora_sweep.config import Config, ConfigError
-from lora_sweep.config.schema import lora_scale
+from lora_sweep.report.budget import NOTE as BUDGET_NOTE, budget_column
+from lora_sweep.report.frame import _eval_size, load_examples, trials_frame, with_intervals
 from lora_sweep.report.findings import complete, noise, pareto_mask, pareto_sentence, param_importances, sweep_findings
 from lora_sweep.report.plots import TITLES, write_plots
 from lora_sweep.report.stats import wilson
 
 log = logging.getLogger("lora_sweep")
-
-_STATUS = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
-           TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}
-
-
-# A trial failed by Optuna's heartbeat check: its worker died before it could say why.
-_NO_REASON = "its worker stopped sending heartbeats (killed or lost); the trial was queued again"
-
-
-# report.csv's columns before the searched params, in the order earlier versions wrote them; every
-# other field of the trial's record (lora_sweep.record) follows, then the params, the MLflow run id
-# and the epochs, so every stored figure reaches the csv.
-_FIRST = ("eval_accuracy", "eval_f1", "eval_loss", "train_loss", "trainable_params", "total_params",
-          "trainable_pct", "peak_memory_mb", "epoch_time_s", "adapter_size_mb", "train_seconds",
-          "eval_perplexity", "memory_kind")
-_LAST = ("mlflow_run_id", "epochs")
-
-
-def trials_frame(study: optuna.Study) -> pd.DataFrame:
-    """One row per trial with every stored figure (each field of its TrialRecord), in trial order."""
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        rec = record.TrialRecord.from_trial(t)
-        fields = rec.row()
-        row = {"trial": t.number, "label": rec.label, "status": _STATUS.get(t.state, t.state.name),
-               "error": (rec.error or _NO_REASON) if t.state == TrialState.FAIL else "",
-               "pruned_at_epoch": rec.pruned_at_epoch, "device": rec.device,
-               "pruned_at": (f"{rec.pruned_at_unit or 'epoch'} {rec.pruned_at_step}"
-                             if rec.pruned_at_step is not None else ""), "excluded": rec.excluded}
-        row.update({k: fields[k] for k in _FIRST})
-        row.update({k: v for k, v in fields.items() if k not in row and k not in _LAST})
-        row.update({f"param.{k}": v for k, v in t.params.items()})
-        row["mlflow_run_id"] = rec.mlflow_run_id
-        row["epochs"] = rec.epochs
-        rows.append(row)
-    df = pd.DataFrame(rows)
-    if not len(df):
-        return df
-    meta = record.meta(study)  # without per-example files, a classifier's accuracy is over eval_size examples
-    n = _eval_size(study) if meta.get("task_type", "SEQ_CLS") == "SEQ_CLS" else None
-    return with_intervals(ordered(df, study), {}, n)
-
-
-def with_intervals(df: pd.DataFrame, examples: dict, eval_size: int | None = None) -> pd.DataFrame:
-    """eval_n (examples the accuracy counts: from the trial's per-example file, else eval_size) and the
-    accuracy's Wilson 95% interval (eval_accuracy_ci_low/high); lora_scale from the params where an
-    older record lacks it."""
-    def n_of(row):
-        ex = examples.get(int(row["trial"]))
-        if ex is not None:
-            return int(ex["correct"].notna().sum()) or None
-        return eval_size if pd.notna(row["eval_accuracy"]) else None
-
-    def ci(row, side):
-        n, acc = row["eval_n"], row["eval_accuracy"]
-        return wilson(round(acc * n), n)[side] if pd.notna(n) and n and pd.notna(acc) else None
-
-    out = df.copy()
-    out["eval_n"] = pd.Series([n_of(r) for _, r in df.iterrows()], index=df.index, dtype="Int64")
-    out["eval_accuracy_ci_low"] = [ci(r, 0) for _, r in out.iterrows()]
-    out["eval_accuracy_ci_high"] = [ci(r, 1) for _, r in out.iterrows()]
-    if "lora_scale" in out:
-        out["lora_scale"] = [_scale(r) for _, r in out.iterrows()]
-    return out
-
-
-def _scale(row) -> float | None:
-    if pd.notna(row["lora_scale"]):
-        return float(row["lora_scale"])
-    try:
-        params = json.loads(row["params"]) if isinstance(row["params"], str) else row["params"]
-        return lora_scale(params["r"], params["lora_alpha"], bool(params.get("use_rslora", False)))
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def load_examples(study_dir: Path, df: pd.DataFrame) -> dict:
-    """Trial number -> per-example results, for the complete trials that stored them."""
-    out = {}
-    for t in df[df["status"] == "complete"]["trial"] if len(df) else []:
-        path = record.examples_path(study_dir, int(t))
-        if path.exists():
-            out[int(t)] = record.read_examples(path)
-    return out
-
-
-def ordered(df: pd.DataFrame, study: optuna.Study) -> pd.DataFrame:
-    """Rows in the order the space lists its values (r=4, 8, 16, 32), not the sampler's order."""
-    dists = {}
-    for t in study.get_trials(deepcopy=False):
-        dists.update(t.distributions)
-    keys = []
-    for path, d in dists.items():
-        col = f"param.{path}"
-        if col in df:
-            if isinstance(d, optuna.distributions.CategoricalDistribution):
-                order = {c: i for i, c in enumerate(d.choices)}
-                df = df.assign(**{f"_order.{path}": df[col].map(order)})
-                keys.append(f"_order.{path}")
-            else:
-                keys.append(col)
-    if not keys:
-        return df
-    return df.sort_values(keys + ["trial"], kind="stable").drop(
-        columns=[k for k in keys if k.startswith("_order.")])
-
 
 def guide_table(df: pd.DataFrame, sweep_column: bool = False) -> pd.DataFrame:
     """The guide's columns, units in the headers, formatted for reading. Complete trials only."""
@@ -154,6 +48,9 @@ def guide_table(df: pd.DataFrame, sweep_column: bool = False) -> pd.DataFrame:
     if "eval_perplexity" in done and done["eval_perplexity"].notna().any():  # CAUSAL_LM / SEQ_2_SEQ_LM
         table.insert(3, "Perplexity", done["eval_perplexity"].map(
             lambda v: "n/a" if pd.isna(v) else f"{v:.2f}"))
+    matched = budget_column(done)  # lora.param_budget: each row's LoRA parameters beside it
+    if matched is not None:
+        table.insert(table.columns.get_loc("Trainable params"), *matched)
     if sweep_column:
         table.insert(0, "Sweep", done["sweep"].map(_cell))
     return table
@@ -201,11 +98,6 @@ def _facts(config: Config, study: optuna.Study, df: pd.DataFrame) -> list[tuple[
     ]
 
 
-def _eval_size(study: optuna.Study) -> int | None:
-    size = record.meta(study).get("eval_size")
-    return int(size) if isinstance(size, (int, float)) else None
-
-
 def markdown(config: Config, study: optuna.Study, df: pd.DataFrame, plots: list[Path] = (),
              examples: dict | None = None) -> str:
     lines = [f"# LoRA sweep: {config.study.name}", ""]
@@ -221,6 +113,9 @@ def markdown(config: Config, study: optuna.Study, df: pd.DataFrame, plots: list[
     if len(done):
         found.insert(len(found) - 1, pareto_sentence(done, pareto_mask(done)))
     lines += [f"- {f}" for f in found]
+    from lora_sweep.report.recommend import section  # the confirmation stage, then the one recommendation
+
+    lines += section(config, study)
     lines += plots_section(plots)
     lines += problems_section(df)
     lines.append("")
@@ -237,6 +132,8 @@ def notes_lines(df: pd.DataFrame) -> list[str]:
              "Training time: mean seconds per epoch of training, evaluation excluded.",
              "Pareto: ✓ where no other row is both more accurate and trains a smaller share of parameters.",
              "Trial: the Optuna trial number (its MLflow run id is in report.csv)."]
+    if len(df) and budget_column(complete(df)) is not None:
+        notes.insert(2, BUDGET_NOTE)
     if kinds:
         notes.append("Memory: " + "; ".join(_MEMORY_NOTES.get(k, k) for k in kinds) + ".")
     return [f"_{note}_  " for note in notes]
@@ -360,13 +257,14 @@ def summary(config: Config, study: optuna.Study) -> str:
     best = ""
     done = df[df["status"] == "complete"]
     if len(done):
-        from lora_sweep.report.recommend import recommended_trial  # the one pick; export uses it too
+        from lora_sweep.report.recommend import recommend  # the one pick; export uses it too
 
         metric = config.study.metric
-        chosen = recommended_trial(config, study)
-        picks = done.index[done["trial"] == chosen.number] if chosen is not None else []
+        chosen = recommend(config, study)
+        picks = done.index[done["trial"] == chosen.trial.number] if chosen is not None else []
         value = done.loc[picks[0], metric] if len(picks) else math.nan
-        best = f"Best: {done.loc[picks[0], 'label']} ({metric}={value:.4f})\n" if not math.isnan(value) else ""
+        best = (f"Recommended: {done.loc[picks[0], 'label']}, trial #{chosen.trial.number} ({metric}={value:.4f}): "
+                f"{chosen.how}\n" if not math.isnan(value) else "")
     from lora_sweep.report.mlflow_view import browse_line
 
     return "\n".join([

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -23,7 +24,7 @@ from lora_sweep.search.constraints import Excluded
 from lora_sweep.search.space import Point, SearchSpace
 from lora_sweep.trial import interrupt
 from lora_sweep.trial.metrics import failure_reason, release_memory, rss_mb
-from lora_sweep.trial.runner import LM_RESULT_KEYS, RESULT_KEYS, run_trial, target_names
+from lora_sweep.trial.runner import LM_RESULT_KEYS, RESULT_KEYS, budgeted, run_trial, target_names
 
 log = logging.getLogger("lora_sweep")
 
@@ -44,6 +45,7 @@ def mlflow_params(settings: TrialSettings, targets: tuple) -> dict:
         "model_name_or_path": settings.model.name_or_path, "load_in_4bit": settings.model.load_in_4bit,
         "dataset": settings.data.name_or_path, "train_size": settings.data.train_size,
         "eval_size": settings.data.eval_size, "max_length": settings.data.max_length,
+        **({"param_budget": lora.param_budget} if lora.param_budget is not None else {}),
     }
 
 
@@ -51,8 +53,9 @@ class Objective:
     """Optuna objective: sample a point, run it, record it (Optuna user attrs + an MLflow child run)."""
 
     def __init__(self, config: Config, space: SearchSpace, tracker, parent_run_id: str, device: str,
-                 base_tags: dict, planned: int, progress: Progress | None = None):
+                 base_tags: dict, planned: int, progress: Progress | None = None, examples_dir: Path | None = None):
         self.config = config
+        self.examples_dir = examples_dir or config.study_dir  # per-example results (confirmation runs: their own)
         self.space = space
         self.tracker = tracker
         self.parent_run_id = parent_run_id
@@ -66,7 +69,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         self.started += 1
         try:
-            point = self.space.suggest(trial)
+            point = with_budget(self.space.suggest(trial))
         except Excluded as e:
             record.write(trial, excluded=str(e), label=str(e).split(":")[0])
             log.info("[%d/%d] trial %d excluded, not trained: %s", self.started, self.planned, trial.number, e)
@@ -82,8 +85,10 @@ class Objective:
         params = mlflow_params(point.settings, preview)
         record.write(trial, params={k: _jsonable(v) for k, v in params.items()},
                      lora_scale=float(point.settings.lora.scale))
+        confirms = trial.user_attrs.get("confirms")  # a confirmation run: the search trial it repeats
         run_id = self.tracker.start_trial(self.parent_run_id, run_name(point), params, {
-            **self.base_tags, "optuna_trial_number": trial.number, "label": point.label, "status": "running"})
+            **self.base_tags, "optuna_trial_number": trial.number, "label": point.label, "status": "running",
+            **({"confirms_trial": confirms} if confirms is not None else {})})
         record.write(trial, mlflow_run_id=run_id)
         log.info("%s: r=%s lora_alpha=%s target_modules=%s lora_dropout=%s bias=%s", tag, point.settings.lora.r,
                  point.settings.lora.effective_alpha, ",".join(preview) or point.settings.lora.target_modules,
@@ -137,7 +142,7 @@ class Objective:
                      batch_shapes=result.batch_shapes)
         self.tracker.log_metrics(run_id, final, step=result.steps[-1] if result.steps else len(result.epochs))
         if result.examples is not None:  # per-example results: beside the study, and on the trial's run
-            path = record.write_examples(record.examples_path(self.config.study_dir, trial.number), result.examples)
+            path = record.write_examples(record.examples_path(self.examples_dir, trial.number), result.examples)
             if self.config.tracking.log_artifacts:
                 self.tracker.log_artifact(run_id, path, "examples")
         self.tracker.set_tags(run_id, {"status": "complete", "memory_kind": result.memory_kind})
@@ -178,6 +183,15 @@ def run_name(point: Point) -> str:
         label = point.label.split(", ")[0]
         name = f"{label}: {name}"
     return name
+
+
+def with_budget(point: Point) -> Point:
+    """The point at the r its lora.param_budget resolves to, which its label shows (`target_modules=qv, r=24`)."""
+    if point.settings.lora.param_budget is None:
+        return point
+    settings = budgeted(point.settings)
+    label = f"r={settings.lora.r}" if point.label == "base" else f"{point.label}, r={settings.lora.r}"
+    return replace(point, settings=settings, label=label)
 
 
 def _jsonable(v):

@@ -7,6 +7,7 @@ the first trial.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import gc
 import logging
@@ -14,14 +15,13 @@ import os
 import signal
 import sys
 import time
-import warnings
 
 import optuna
 from optuna.trial import TrialState
 
 import lora_sweep
 from lora_sweep import record, report
-from lora_sweep.trial import adapters
+from lora_sweep.trial import adapters, runner
 from lora_sweep.trial import data
 from lora_sweep.trial import environment
 from lora_sweep.trial import interrupt
@@ -30,12 +30,14 @@ from lora_sweep.report import pareto
 from lora_sweep.search import storage
 from lora_sweep.config import Config, ConfigError
 from lora_sweep.config.urls import RedactFilter, redact
+from lora_sweep.run.confirm import run_confirm
 from lora_sweep.run.objective import Objective
 from lora_sweep.run.progress import progress_for
 from lora_sweep.search.space import SearchSpace
 from lora_sweep.search.samplers import make_pruner, make_sampler, sampler_name
+from lora_sweep.search import confirm
 from lora_sweep.search.study import (QueueEmpty, budget_callbacks, create_study, enqueue_warm_start, fail_orphans,
-                                     queue_study, resume, warm_start_points)
+                                     fail_stale, queue_study, resume, trials_to_run, warm_start_points)
 
 LAUNCHED_ENV = "LORA_SWEEP_LAUNCHER"  # set by workers.launch for the workers it starts
 
@@ -60,9 +62,13 @@ def preflight(config: Config, space: SearchSpace) -> str:
             continue  # needs CUDA; on a CPU the trial itself records why it cannot run
         base = models.load_base(s.model, labels, s.train.seed, s.lora.task_type)
         adapters.resolve_targets(s.lora.target_modules, base.model)
-        if (s.model, s.lora) not in checked:  # peft's verdict on the LoRA settings (lora.init_lora_weights, ...)
-            checked.add((s.model, s.lora))
-            adapters.check_lora(s.lora, base.model, varied=tuple(point.values))
+        try:  # a budget below one rank of this point's targets: refused before anything is written
+            lora = adapters.apply_budget(s.lora, base.model)
+        except ConfigError as e:
+            raise ConfigError(f"{e}{f' (in the search space, at {dict(point.values)})' if point.values else ''}") from None
+        if (s.model, lora) not in checked:  # peft's verdict on the LoRA settings (lora.init_lora_weights, ...)
+            checked.add((s.model, lora))
+            adapters.check_lora(lora, base.model, varied=tuple(point.values))
     return device
 
 
@@ -108,7 +114,7 @@ def _run(config: Config, space: SearchSpace, sampler: str, device: str, orphans:
     study = create_study(config, space)
     _log_to_file(config)
     with storage.study_lock(config):  # one worker at a time queues the grid and creates the parent run
-        stale = fail_orphans(study) if orphans else _fail_stale(study)
+        stale = fail_orphans(study) if orphans else fail_stale(study)
         if stale:
             log.warning("Trial(s) %s were left RUNNING by a worker that died; marked failed and queued again",
                         ", ".join(map(str, stale)))
@@ -124,9 +130,9 @@ def _run(config: Config, space: SearchSpace, sampler: str, device: str, orphans:
                 record.set_meta(study, meta)
             parent = tracker.parent_run(study, f"sweep {config.study.name}", {
                 "study_name": config.study.name, "sampler": sampler, "device": meta["device"],
-                "git_commit": meta["git_commit"]}, reopen=n > 0)
+                "git_commit": meta["git_commit"]}, reopen=n > 0 or confirm.enabled(config))
             _close_orphan_runs(tracker, parent, study)
-    if n == 0:
+    if n == 0 and not (confirm.enabled(config) and parent is not None):
         log.info("Sweep %r is complete (%d trials done); nothing to run. Delete %s to start over.",
                  config.study.name, len(study.trials), config.study_dir)
         report.write_report(config, study)
@@ -139,8 +145,9 @@ def _run(config: Config, space: SearchSpace, sampler: str, device: str, orphans:
     elif config.study.warm_start:
         log.info("Warm start ignored: a grid visits every point anyway (study.sampler=%s)", sampler)
 
-    log.info("Device: %s. Running %d trial(s); MLflow experiment %r at %s", meta["device"], n,
-             config.experiment_name, redact(_where(config, tracker, parent)))
+    log.info("Device: %s. Running %d trial(s)%s; MLflow experiment %r at %s", meta["device"], n,
+             ", then the confirmation stage" if confirm.enabled(config) else "", config.experiment_name,
+             redact(_where(config, tracker, parent)))
     tags = {"study_name": config.study.name, "device": meta["device"], "git_commit": meta["git_commit"],
             **{f"version.{k}": v for k, v in meta["versions"].items()}}
     grid = sampler == "grid"
@@ -153,17 +160,19 @@ def _run(config: Config, space: SearchSpace, sampler: str, device: str, orphans:
     gc.collect()
     gc.freeze()
     try:
-        with progress_for(n, config.base.train.num_train_epochs, config.study.metric,
-                          config.study.direction) as progress:
-            objective = Objective(config, space, tracker, parent, device, tags, planned=n, progress=progress)
-            if grid:  # workers pop queued points until none is left
-                queue_study(study).optimize(objective, catch=(Exception,), timeout=config.study.timeout,
-                                            callbacks=[*budget_callbacks(config, space), *callbacks])
-            else:  # study-wide budgets: n_trials and budget_s count every worker's trials
-                study.optimize(objective, n_trials=n, timeout=config.study.timeout, catch=(Exception,),
-                               callbacks=[*budget_callbacks(config, space), *callbacks])
-    except QueueEmpty:
-        pass
+        if n:
+            with progress_for(n, config.base.train.num_train_epochs, config.study.metric,
+                              config.study.direction) as progress:
+                objective = Objective(config, space, tracker, parent, device, tags, planned=n, progress=progress)
+                _search(config, space, study, objective, grid, callbacks)
+        if confirm.enabled(config):
+            why = _stopped_early(config, space, study, time.perf_counter() - t0)
+            if why:
+                log.warning("Confirmation stage not started: %s. Run the same command again to finish the "
+                            "search, then confirm.", why)
+            else:
+                timings["search_s"] = time.perf_counter() - t0
+                run_confirm(config, study, tracker, parent, device, tags, owner=orphans)
     except BaseException:
         status = "KILLED"
         raise
@@ -177,7 +186,7 @@ def _run(config: Config, space: SearchSpace, sampler: str, device: str, orphans:
             path = report.write_report(config, study)
             # The last worker out closes the parent (a later start reopens it). Queued points may
             # remain (an interrupted sweep): only trials in flight mean another worker is still busy.
-            if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if not _running(study):
                 if path is not None:
                     report.publish(config, study, path, tracker)
                 tracker.finish_parent(parent, status)
@@ -191,6 +200,34 @@ def _run(config: Config, space: SearchSpace, sampler: str, device: str, orphans:
     return study
 
 
+def _search(config: Config, space: SearchSpace, study: optuna.Study, objective, grid: bool, callbacks) -> None:
+    try:
+        if grid:  # workers pop queued points until none is left
+            queue_study(study).optimize(objective, catch=(Exception,), timeout=config.study.timeout,
+                                        callbacks=[*budget_callbacks(config, space), *callbacks])
+        else:  # study-wide budgets: n_trials and budget_s count every worker's trials
+            study.optimize(objective, n_trials=objective.planned, timeout=config.study.timeout, catch=(Exception,),
+                           callbacks=[*budget_callbacks(config, space), *callbacks])
+    except QueueEmpty:
+        pass
+
+
+def _stopped_early(config: Config, space: SearchSpace, study: optuna.Study, elapsed: float) -> str:
+    """Why the search is not over for this worker (study.timeout, queued points left), or ''."""
+    if config.study.timeout is not None and elapsed >= config.study.timeout:
+        return f"study.timeout={config.study.timeout:g} s ran out during the search"
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    if waiting and trials_to_run(config, space, study):
+        return f"{len(waiting)} search point(s) are still queued"
+    return ""
+
+
+def _running(study: optuna.Study) -> bool:
+    """Trials in flight in the search or its confirmation stage: another worker is still busy."""
+    stage = confirm.load_stage(study)
+    return any(s.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) for s in (study, stage) if s is not None)
+
+
 def _where(config: Config, tracker, parent: str) -> str:
     """The tracking store, or on a tracking server the parent run's page (model-training view)."""
     from lora_sweep.tracking import ui_base
@@ -199,19 +236,13 @@ def _where(config: Config, tracker, parent: str) -> str:
     return tracker.experiment_url(base, parent) if base else config.tracking_uri
 
 
-def _fail_stale(study: optuna.Study) -> list[int]:
-    """Trials whose worker stopped sending heartbeats (RDB storages): FAIL, and re-queued."""
-    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-    return sorted({t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))} - before)
-
-
 def _close_orphan_runs(tracker, parent, study: optuna.Study) -> None:
     if tracker is None:
         return
-    states = {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
+    states = {str(t.number): t.state.name for t in study.get_trials(deepcopy=False)}
+    stage = confirm.load_stage(study)
+    if stage is not None:
+        states.update({f"{confirm.STAGE}:{t.number}": t.state.name for t in stage.get_trials(deepcopy=False)})
     closed = tracker.close_orphans(parent, states)
     if closed:
         log.warning("Closed %d MLflow run(s) left RUNNING by a dead worker (marked KILLED)", len(closed))

@@ -66,6 +66,10 @@ class SearchSpace:
         if "lora.lora_alpha" in params and "lora.alpha_ratio" in params:
             raise ConfigError("space.lora.lora_alpha and space.lora.alpha_ratio are both searched, but alpha_ratio "
                               "overrides lora_alpha (lora_alpha = alpha_ratio * r). Search one of them.")
+        if "lora.r" in params and (config.base.lora.param_budget is not None or "lora.param_budget" in params):
+            raise ConfigError(f"lora.param_budget={config.base.lora.param_budget} sets r (the largest rank within "
+                              f"the budget), so space.lora.r cannot be searched with it. Search lora.r with "
+                              f"lora.param_budget=null, or drop space.lora.r.")
         self.conditions, self.exclusions = constraints.parse(config, _known_paths(config))
         # Parameters whose requirement this machine lacks leave the space (the base value is used).
         self.dropped: dict[str, str] = {}

@@ -161,7 +161,7 @@ def resume(config: Config, space: SearchSpace, study: optuna.Study) -> int:
             return tuple(sorted(params.items()))
 
         def params_of(t) -> dict:
-            return t.params or t.system_attrs.get("fixed_params", {})
+            return t.system_attrs.get("fixed_params") or t.params
 
         done = {key(t.params) for t in study.get_trials(deepcopy=False, states=DONE)}
         held = done | {key(params_of(t)) for t in study.get_trials(deepcopy=False, states=PENDING)}
@@ -217,6 +217,17 @@ def fail_orphans(study: optuna.Study) -> list[int]:
         except optuna.exceptions.UpdateFinishedTrialError:
             pass
     return failed
+
+
+def fail_stale(study: optuna.Study) -> list[int]:
+    """Trials whose worker stopped sending heartbeats (RDB storages): FAIL, and re-queued."""
+    import warnings
+
+    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    return sorted({t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))} - before)
 
 
 def load_study(config: Config) -> optuna.Study:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -177,3 +177,37 @@ def _allowed(field: str) -> str:
 def parameter_counts(peft_model) -> tuple[int, int]:
     """(trainable, total) as peft counts them: 4-bit packed weights count at their real size."""
     return peft_model.get_nb_trainable_parameters()
+
+
+def rank_cost(lora: LoraSettings, model: nn.Module) -> tuple[int, int]:
+    """(LoRA parameters per unit of r, those independent of r) over the modules lora.target_modules
+    resolves to: A is r x in and B is out x r per module; DoRA adds one magnitude per output feature."""
+    per_rank = fixed = 0
+    for name in resolve_targets(lora.target_modules, model).modules:
+        module = model.get_submodule(name)
+        # nn.Linear (and bitsandbytes' subclasses) name their sizes; transformers' Conv1D holds (in, out) weights
+        n_in, n_out = ((module.in_features, module.out_features) if hasattr(module, "in_features")
+                       else tuple(module.weight.shape))
+        per_rank += n_in + n_out
+        fixed += n_out if lora.use_dora else 0
+    return per_rank, fixed
+
+
+def apply_budget(lora: LoraSettings, model: nn.Module) -> LoraSettings:
+    """A copy of `lora` whose r is the largest rank whose LoRA parameters fit lora.param_budget on this
+    model (lora_alpha follows through alpha_ratio); `lora` itself when it has no budget."""
+    if lora.param_budget is None:
+        return lora
+    per_rank, fixed = rank_cost(lora, model)
+    r = (lora.param_budget - fixed) // per_rank
+    if r < 1:
+        raise ConfigError(
+            f"lora.param_budget={lora.param_budget} gives r={max(r, 0)} for lora.target_modules={lora.target_modules!r} on "
+            f"{type(model).__name__}: one rank there costs {per_rank + fixed:,} LoRA parameters. Allowed: an "
+            f"integer >= {per_rank + fixed} for these modules (or fewer target modules).")
+    return replace(lora, r=int(r))
+
+
+def lora_parameter_count(peft_model: nn.Module) -> int:
+    """Trainable LoRA weights alone (lora_A, lora_B, DoRA's magnitudes): no head, no bias."""
+    return sum(p.numel() for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" in n)

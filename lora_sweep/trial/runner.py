@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -15,7 +15,8 @@ from lora_sweep.trial.train import train
 
 # What the report and the objective read from a finished trial (Optuna user attrs, MLflow metrics).
 RESULT_KEYS = ("eval_accuracy", "eval_loss", "eval_f1", "train_loss", "trainable_params", "total_params",
-               "trainable_pct", "peak_memory_mb", "epoch_time_s", "adapter_size_mb", "train_seconds", "eval_seconds")
+               "trainable_pct", "peak_memory_mb", "epoch_time_s", "adapter_size_mb", "train_seconds", "eval_seconds",
+               "lora_params")
 # Language-model tasks only (lora_sweep/trial/tasks.py); on plain text eval_accuracy/eval_f1 are absent.
 LM_RESULT_KEYS = ("eval_perplexity",)
 
@@ -39,6 +40,7 @@ def run_trial(settings: TrialSettings, device: str, on_epoch: Callable[[int, dic
 
     task = tasks.get_task(settings.lora.task_type, settings.data)
     base = models.load_base(settings.model, labels_of(settings), settings.train.seed, settings.lora.task_type)
+    settings = replace(settings, lora=adapters.apply_budget(settings.lora, base.model))  # r within lora.param_budget
     splits = data.tokenized(settings.data, base.tokenizer, tokenizer_key=settings.model.name_or_path, task=task)
     model = peft_model = None
     try:
@@ -61,6 +63,7 @@ def run_trial(settings: TrialSettings, device: str, on_epoch: Callable[[int, dic
             **outcome.final,
             "train_loss": outcome.train_loss,
             "trainable_params": trainable,
+            "lora_params": adapters.lora_parameter_count(peft_model),
             "total_params": total,
             "trainable_pct": 100.0 * trainable / total,
             "peak_memory_mb": memory.peak_mb,
@@ -88,6 +91,15 @@ def target_names(settings: TrialSettings) -> tuple:
         return ()
     base = models.load_base(settings.model, labels_of(settings), settings.train.seed, settings.lora.task_type)
     return adapters.resolve_targets(settings.lora.target_modules, base.model).names
+
+
+def budgeted(settings: TrialSettings) -> TrialSettings:
+    """The settings at the rank lora.param_budget resolves to on the cached base model (run_trial trains
+    at the same one), for what is recorded before the trial; unchanged without a budget."""
+    if settings.lora.param_budget is None or settings.model.load_in_4bit:
+        return settings
+    base = models.load_base(settings.model, labels_of(settings), settings.train.seed, settings.lora.task_type)
+    return replace(settings, lora=adapters.apply_budget(settings.lora, base.model))
 
 
 def labels_of(settings: TrialSettings) -> tuple:

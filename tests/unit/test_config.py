@@ -68,7 +68,8 @@ def test_unknown_key_in_a_mapping_lists_the_allowed_keys(raw_config):
         from_mapping(raw)
     message = str(err.value)
     assert "lora.rank" in message
-    assert "Allowed in lora: alpha_ratio, bias, init_lora_weights, lora_alpha, lora_dropout, r," in message
+    assert "Allowed in lora: alpha_ratio, bias, init_lora_weights, lora_alpha, lora_dropout, param_budget, r,"\
+        in message
 
 
 def test_unknown_key_is_refused_by_hydra_and_by_validation_when_forced(compose_cfg):
