@@ -45,6 +45,11 @@ class TrialRecord:
     eval_loss: float | None = None
     eval_f1: float | None = None
     eval_perplexity: float | None = None     # language-model tasks only
+    eval_exact_match: float | None = None    # instruction/chat data: share of generated answers that match (normalised)
+    eval_chrf: float | None = None           # instruction/chat data: sacrebleu corpus chrF (0-100) of the generated answers
+    examples_kept: int | None = None         # instruction/chat data: train + eval examples within data.max_length ...
+    examples_prompt_truncated: int | None = None  # ... of which the prompt was cut from the left to fit
+    examples_dropped: int | None = None      # ... and those dropped (data.truncation=drop, or answer too long)
     train_loss: float | None = None          # mean training loss over the run's optimizer steps
     trainable_params: int | None = None
     total_params: int | None = None
@@ -164,8 +169,9 @@ def set_pareto_front(study, numbers) -> None:
 
 # example_id: the example's row number in the source data (before filtering and the split), the
 #   same in every trial of a sweep; label: the gold label (None on plain text); prediction: the
-#   predicted label (SEQ_CLS) or the generated answer (labelled CAUSAL_LM / SEQ_2_SEQ_LM), None where
-#   nothing is predicted; correct: prediction == label, None where there is no correctness (plain
+#   predicted label (SEQ_CLS) or the generated answer (CAUSAL_LM / SEQ_2_SEQ_LM; the reference answer
+#   is the label on instruction/chat data), None where nothing is predicted; correct: prediction ==
+#   label (normalised exact match on instruction/chat data), None where there is no correctness (plain
 #   text; a language model's examples beyond data.generate_size); loss: the example's eval loss
 #   (mean over its answer tokens for language models, every token on plain text).
 EXAMPLE_COLUMNS = ("example_id", "label", "prediction", "correct", "loss")

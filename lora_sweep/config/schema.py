@@ -9,9 +9,9 @@ from typing import Any, Mapping
 
 from lora_sweep.config.checks import (ConfigError, _bool, _build, _is_number, _normalise, _one_of,
                                       _positive_int, _require)
-from lora_sweep.config.names import (BIAS_CHOICES, COMPUTE_DTYPES, COST_OBJECTIVES, DEVICES, DIRECTIONS,
-                                     METRIC_DIRECTIONS, MIXED_PRECISION, PRUNER_NAMES, QUANT_TYPES,
-                                     SAMPLER_NAMES, SAMPLING_STRATEGIES, TASK_TYPES)
+from lora_sweep.config.names import (BIAS_CHOICES, CHAT_FORMATS, COMPUTE_DTYPES, DATA_FORMATS, DEVICES,
+                                     GENERATE_AT, MIXED_PRECISION, QUANT_TYPES, SAMPLING_STRATEGIES, TASK_TYPES,
+                                     TRUNCATIONS)
 from lora_sweep.config.paths import check_local
 from lora_sweep.config.study import StudyConfig
 from lora_sweep.config.urls import check_tracking_uri
@@ -57,8 +57,21 @@ class DataConfig:
     # CAUSAL_LM / SEQ_2_SEQ_LM on labelled data: the model reads the prompt and writes the label.
     prompt: str = "Sentiment of: {text} ->"
     generate_size: int | None = None     # eval examples whose label is generated; null = all of them
+    generate_at: str = "auto"            # every evaluation | last; auto: every on labelled data, last on instruction/chat
+    # The examples' shape (lora_sweep/trial/chat.py): auto detects it from the columns, TRL's names first.
+    format: str = "auto"                 # auto | labelled | text | prompt_completion | messages
+    prompt_column: str = "prompt"        # prompt_completion: the instruction ...
+    completion_column: str = "completion"  # ... and the answer the loss is on
+    messages_column: str = "messages"    # messages: a list of {role, content}, rendered by the chat template
+    truncation: str = "left"             # an example over max_length: cut its prompt from the left, or drop it
 
     def validate(self) -> None:
+        _one_of("data.format", self.format, DATA_FORMATS)
+        _one_of("data.truncation", self.truncation, TRUNCATIONS)
+        _one_of("data.generate_at", self.generate_at, GENERATE_AT)
+        for name in ("prompt_column", "completion_column", "messages_column"):
+            _require(isinstance(getattr(self, name), str) and getattr(self, name), f"data.{name}",
+                     getattr(self, name), "a column name")
         _require(isinstance(self.name_or_path, str) and self.name_or_path, "data.name_or_path",
                  self.name_or_path, "a local csv/json/jsonl/parquet file, pkg://PACKAGE/PATH or a dataset name")
         check_local("data.name_or_path", self.name_or_path, "an existing csv/json/jsonl/parquet file, "
@@ -262,6 +275,11 @@ class TrialSettings:
             raise ConfigError(f"data.label_column=None (plain text) works only with lora.task_type=CAUSAL_LM "
                               f"(language modelling), but got lora.task_type={self.lora.task_type!r}. Name the "
                               f"label column, or set lora.task_type=CAUSAL_LM.")
+        if self.data.format in CHAT_FORMATS and self.lora.task_type != "CAUSAL_LM":
+            raise ConfigError(f"data.format={self.data.format!r} (instruction/chat data) works only with "
+                              f"lora.task_type=CAUSAL_LM, but got lora.task_type={self.lora.task_type!r}.")
+        _require(self.data.format != "labelled" or self.data.label_column is not None, "data.label_column",
+                 None, "a column name with data.format=labelled")
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> "TrialSettings":
         """A copy with dotted-path overrides applied (lora.r=8, train.learning_rate=1e-4)."""

@@ -137,6 +137,8 @@ def sweep_findings(df: pd.DataFrame, eval_size: int | None, importances: dict | 
     """Findings for one sweep (one study); `examples`: trial number -> its per-example results
     (lora_sweep.record.read_examples), which turn on the paired tests."""
     done = complete(df)
+    if not len(done) and len(df) and "eval_exact_match" in df and df["eval_exact_match"].notna().any():
+        return [CHAT_FINDING]
     if not len(done):
         return ["No complete trials yet, so nothing to compare."]
     vary = varied(done)
@@ -168,6 +170,14 @@ def sweep_findings(df: pd.DataFrame, eval_size: int | None, importances: dict | 
     if nz is not None:
         lines.append(f"Noise band: ±{nz.band():.1f} points for two single runs; {nz.detail}.")
     return lines
+
+
+# Instruction/chat sweeps (no eval_accuracy): what the findings do not compute, said once.
+CHAT_FINDING = ("Instruction/chat data: compare Exact match, chrF and Perplexity in the table; the findings' noise "
+                "band, Pareto front and paired tests key on eval_accuracy and are not computed for these trials. "
+                "Exact match is stored per example (`correct` in examples/, the input McNemar needs); chrF is "
+                "corpus-level, with no per-example value, so a paired interval would re-score resampled corpora "
+                "(thousands of corpus_chrf calls per pair) and is not computed.")
 
 
 def paired_pick(df: pd.DataFrame, examples: dict | None) -> Level | None:

@@ -48,6 +48,11 @@ def guide_table(df: pd.DataFrame, sweep_column: bool = False) -> pd.DataFrame:
     if "eval_perplexity" in done and done["eval_perplexity"].notna().any():  # CAUSAL_LM / SEQ_2_SEQ_LM
         table.insert(3, "Perplexity", done["eval_perplexity"].map(
             lambda v: "n/a" if pd.isna(v) else f"{v:.2f}"))
+    if "eval_exact_match" in done and done["eval_exact_match"].notna().any():  # instruction/chat data
+        at = table.columns.get_loc("Accuracy (%)")
+        table = table.drop(columns=["Accuracy (%)", "95% CI"])
+        table.insert(at, "Exact match (%)", done["eval_exact_match"].map(lambda v: "n/a" if pd.isna(v) else f"{100 * v:.1f}"))
+        table.insert(at + 1, "chrF", done["eval_chrf"].map(lambda v: "n/a" if pd.isna(v) else f"{v:.1f}"))
     matched = budget_column(done)  # lora.param_budget: each row's LoRA parameters beside it
     if matched is not None:
         table.insert(table.columns.get_loc("Trainable params"), *matched)
@@ -125,13 +130,16 @@ def markdown(config: Config, study: optuna.Study, df: pd.DataFrame, plots: list[
 def notes_lines(df: pd.DataFrame) -> list[str]:
     kinds = sorted(set(df.get("memory_kind", pd.Series(dtype=str)).dropna()) - {""}) if len(df) else []
     language_model = "eval_perplexity" in df and df["eval_perplexity"].notna().any()
-    notes = [*(_LM_NOTES if language_model else ["Accuracy: eval accuracy after the last epoch."]),
+    chat = "eval_exact_match" in df and df["eval_exact_match"].notna().any()
+    notes = [*(_CHAT_NOTES if chat else _LM_NOTES if language_model else ["Accuracy: eval accuracy after the last epoch."]),
              "Trainable params: trainable parameters as peft counts them (LoRA weights plus any classifier "
              "head, which peft trains in full); Trainable (%): their share of all parameters.",
              "95% CI: the accuracy's Wilson 95% interval over the eval examples it counts (eval_n in report.csv).",
              "Training time: mean seconds per epoch of training, evaluation excluded.",
              "Pareto: ✓ where no other row is both more accurate and trains a smaller share of parameters.",
              "Trial: the Optuna trial number (its MLflow run id is in report.csv)."]
+    if chat:  # no accuracy: no Wilson interval, and the Pareto front (accuracy vs trainable %) stays empty
+        notes = [n for n in notes if not n.startswith(("95% CI", "Pareto"))]
     if len(df) and budget_column(complete(df)) is not None:
         notes.insert(2, BUDGET_NOTE)
     if kinds:
@@ -163,6 +171,12 @@ def problems_section(df: pd.DataFrame) -> list[str]:
 _LM_NOTES = ["Accuracy: share of eval examples (the first data.generate_size) whose greedily generated answer "
              "is exactly the label, after the last epoch; n/a on plain text.",
              "Perplexity: exp(eval_loss), the loss on the answer tokens only (every token on plain text)."]
+
+_CHAT_NOTES = ["Exact match: share of eval examples (the first data.generate_size) whose greedily generated answer "
+               "equals the reference after normalising both (outer whitespace stripped, inner whitespace collapsed "
+               "to one space, casefolded), at the last epoch (data.generate_at).",
+               "chrF: sacrebleu's corpus chrF (0-100; character 6-grams, beta 2) of the same generated answers.",
+               _LM_NOTES[1]]
 
 _MEMORY_NOTES = {
     "cuda_max_allocated": "peak CUDA memory allocated by torch during the trial (counters reset per trial)",

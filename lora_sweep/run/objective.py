@@ -145,11 +145,14 @@ class Objective:
             path = record.write_examples(record.examples_path(self.examples_dir, trial.number), result.examples)
             if self.config.tracking.log_artifacts:
                 self.tracker.log_artifact(run_id, path, "examples")
+        if result.samples is not None:  # instruction/chat data: a few generations, in the run's Artifacts table view
+            self.tracker.log_table(run_id, result.samples, "generation_samples.json")
         self.tracker.set_tags(run_id, {"status": "complete", "memory_kind": result.memory_kind})
         self.tracker.finish_trial(run_id, "complete")
         m = result.metrics
         self.progress.trial_finished(m.get(self.config.study.metric), point.label)
-        quality = "  ".join(f"{k}={m[k]:.4f}" for k in ("eval_accuracy", "eval_perplexity") if k in m)
+        quality = "  ".join(f"{k}={m[k]:.4f}" for k in ("eval_accuracy", "eval_exact_match", "eval_chrf",
+                                                         "eval_perplexity") if k in m)
         log.info("%s done: %s  trainable=%s (%.2f%%)  peak_memory=%.0f MB  %.1f s/epoch", tag, quality,
                  f"{m['trainable_params']:,}", m["trainable_pct"], m["peak_memory_mb"], m["epoch_time_s"])
         if self.config.study.multi_objective:

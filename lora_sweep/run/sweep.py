@@ -58,9 +58,11 @@ def preflight(config: Config, space: SearchSpace) -> str:
     for point in points:
         s = point.settings
         labels = data.load_splits(s.data).labels
+        runner.check_data(s, config.study.metric)  # instruction/chat data: task type and metric, before the model
         if s.model.load_in_4bit:
             continue  # needs CUDA; on a CPU the trial itself records why it cannot run
         base = models.load_base(s.model, labels, s.train.seed, s.lora.task_type)
+        runner.check_data(s, config.study.metric, base.tokenizer)  # ... and every example renders and fits
         adapters.resolve_targets(s.lora.target_modules, base.model)
         try:  # a budget below one rank of this point's targets: refused before anything is written
             lora = adapters.apply_budget(s.lora, base.model)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_sweep.config import ConfigError, DataConfig, resolve_path
+from lora_sweep.config.names import CHAT_FORMATS
+from lora_sweep.trial import chat
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,9 @@ class Splits:
     # Each eval example's row number in the source data (before filtering and the split), in the
     # eval set's order: the id that pairs one trial's per-example results with another's.
     eval_ids: list | None = None
+    format: str = ""   # the data's shape (lora_sweep.trial.chat.detect): labelled, text, prompt_completion, messages
+    # Instruction/chat data, tokenized: {"train"|"eval": {kept, prompt_truncated, dropped}} after data.max_length.
+    length_counts: dict | None = None
 
 
 _ID = "__lora_sweep_example_id__"  # the source row number, carried through filtering and the split
@@ -59,7 +64,14 @@ def load_splits(config: DataConfig) -> Splits:
         ds = datasets.load_dataset(source, config.subset, split=config.split)
     ds = ds.add_column(_ID, list(range(len(ds))))  # no effect on the split: it draws from labels and seed alone
 
-    if config.label_column is None:
+    shape = chat.detect(ds.column_names, config)
+    if shape in CHAT_FORMATS:
+        splits = _without_ids(chat.split(ds, shape, config, _ID), (), shape)
+        _RAW[config] = splits
+        log.info("Data: %s, %d train / %d eval %s examples", config.name_or_path, len(splits.train),
+                 len(splits.eval), shape)
+        return splits
+    if shape == "text":
         return _plain_text(ds, config)
     for col in (config.text_column, config.label_column):
         if col not in ds.column_names:
@@ -92,7 +104,7 @@ def load_splits(config: DataConfig) -> Splits:
                           f"{len(ds)} examples with labels {list(labels)}. Lower the sizes.")
     split = ds.train_test_split(train_size=config.train_size, test_size=config.eval_size, seed=config.seed,
                                 stratify_by_column="labels")
-    splits = _without_ids(split, labels)
+    splits = _without_ids(split, labels, "labelled")
     _RAW[config] = splits
     log.info("Data: %s, %d train / %d eval examples, labels %s", config.name_or_path, len(splits.train),
              len(splits.eval), list(labels))
@@ -112,17 +124,17 @@ def _plain_text(ds, config: DataConfig) -> Splits:
         raise ConfigError(f"data.train_size + data.eval_size = {need} but {config.name_or_path} has only "
                           f"{len(ds)} non-empty texts. Lower the sizes.")
     split = ds.train_test_split(train_size=config.train_size, test_size=config.eval_size, seed=config.seed)
-    splits = _without_ids(split, ())
+    splits = _without_ids(split, (), "text")
     _RAW[config] = splits
     log.info("Data: %s, %d train / %d eval texts (no labels: language modelling)", config.name_or_path,
              len(splits.train), len(splits.eval))
     return splits
 
 
-def _without_ids(split, labels: tuple) -> Splits:
+def _without_ids(split, labels: tuple, shape: str) -> Splits:
     """The split's datasets as before (no id column), their eval ids kept aside."""
     return Splits(train=split["train"].remove_columns(_ID), eval=split["test"].remove_columns(_ID), labels=labels,
-                  eval_ids=[int(i) for i in split["test"][_ID]])
+                  eval_ids=[int(i) for i in split["test"][_ID]], format=shape)
 
 
 def tokenized(config: DataConfig, tokenizer, tokenizer_key: str, task=None) -> Splits:
@@ -136,13 +148,21 @@ def tokenized(config: DataConfig, tokenizer, tokenizer_key: str, task=None) -> S
         return _TOKENIZED[key]
     raw = load_splits(config)
     encoded = task.encode(raw.eval, tokenizer, raw.labels)
-    order = _length_order(encoded)
+    train_set, eval_ids, counts = task.encode(raw.train, tokenizer, raw.labels), raw.eval_ids, None
     generate = task.generation_set(raw.eval, tokenizer, raw.labels)
-    if generate is not None:  # the first generate_size raw eval examples
+    if chat.SOURCE in encoded.column_names:  # chat.ChatLM: examples over max_length may be dropped
+        counts = {"train": chat.length_counts(raw.train, train_set), "eval": chat.length_counts(raw.eval, encoded)}
+        log.info("Data over data.max_length=%d (data.truncation=%s): %s", config.max_length, config.truncation,
+                 "; ".join(f"{k} {', '.join(f'{n} {c}' for c, n in v.items())}" for k, v in counts.items()))
+        eval_ids = [raw.eval_ids[i] for i in encoded[chat.SOURCE]]
+        encoded, train_set = (d.remove_columns([chat.SOURCE, chat.TRUNCATED]) for d in (encoded, train_set))
+        generate["example_ids"] = [raw.eval_ids[i] for i in generate.pop(chat.SOURCE)]
+    elif generate is not None:  # the first generate_size raw eval examples
         generate["example_ids"] = raw.eval_ids[:len(generate["labels"])]
-    out = Splits(train=task.encode(raw.train, tokenizer, raw.labels),
-                 eval=encoded if order is None else encoded.select(order), labels=raw.labels,
-                 generate=generate, eval_ids=raw.eval_ids if order is None else [raw.eval_ids[i] for i in order])
+    order = _length_order(encoded)
+    out = Splits(train=train_set, eval=encoded if order is None else encoded.select(order), labels=raw.labels,
+                 generate=generate, eval_ids=eval_ids if order is None else [eval_ids[i] for i in order],
+                 format=raw.format, length_counts=counts)
     _TOKENIZED[key] = out
     return out
 

@@ -1,4 +1,5 @@
-"""What a trial measures besides the model's own metrics: peak memory, sizes, classification scores.
+"""What a trial measures besides the model's own metrics: peak memory, sizes, classification scores,
+and the scores of generated text (normalised exact match, chrF).
 
 Memory is reported as what it is:
 - CUDA: torch.cuda.max_memory_allocated over the trial, counters reset at its start (exact).
@@ -124,3 +125,24 @@ def failure_reason(error: BaseException) -> str:
     if isinstance(error, KeyboardInterrupt):
         return f"interrupted ({detail}); re-run the same command to resume"
     return detail
+
+
+def normalise(text: str) -> str:
+    """Exact match's normal form: outer whitespace stripped, inner runs collapsed to one space, casefolded."""
+    return " ".join(str(text).split()).casefold()
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    return normalise(prediction) == normalise(reference)
+
+
+def generation_scores(predictions: list[str], references: list[str]) -> dict:
+    """eval_exact_match: share of normalised exact matches (0-1); eval_chrf: sacrebleu's corpus chrF
+    (0-100, its defaults: character 6-grams, beta 2, no word n-grams), computed offline."""
+    import sacrebleu
+
+    if not references:
+        return {"eval_exact_match": float("nan"), "eval_chrf": float("nan")}
+    matches = sum(exact_match(p, r) for p, r in zip(predictions, references))
+    return {"eval_exact_match": matches / len(references),
+            "eval_chrf": float(sacrebleu.corpus_chrf(list(predictions), [list(references)]).score)}

@@ -27,7 +27,8 @@ IGNORE = -100  # label id the loss skips (prompt tokens, padding)
 
 
 def get_task(task_type: str, data: DataConfig | None = None) -> "Task":
-    """The task for lora.task_type; `data` may be left out where only the model class is wanted."""
+    """The task for lora.task_type; `data` may be left out where only the model class is wanted
+    (instruction/chat data: lora_sweep.trial.chat.get_task)."""
     return {"SEQ_CLS": SequenceClassification, "CAUSAL_LM": CausalLM, "SEQ_2_SEQ_LM": Seq2SeqLM}[task_type](data)
 
 
@@ -38,7 +39,7 @@ class Task:
 
     def __init__(self, data: DataConfig | None):
         self.data = data
-        self.labelled = data is None or data.label_column is not None
+        self.labelled = data is None or (data.label_column is not None and data.format != "text")
 
     last_answers: list | None = None  # the last evaluation's generated answers (language-model tasks)
 

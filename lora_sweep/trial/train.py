@@ -3,8 +3,8 @@
 A callback times each epoch's training alone (on_epoch_begin -> on_epoch_end; the Trainer runs
 evaluation after on_epoch_end), stops on a non-finite loss, and hands each epoch's eval metrics to
 the caller, which reports them to Optuna (pruning) and MLflow. The task (lora_sweep/trial/tasks.py) picks
-the collator and the metrics; for language models it also generates answers after each evaluation
-(that time counts as evaluation, not training). With train.eval_steps, evaluations
+the collator and the metrics; for language models it also generates answers after each evaluation,
+or the final one only (data.generate_at; that time counts as evaluation, not training). With train.eval_steps, evaluations
 (and generation) inside an epoch are subtracted from its time; the step passed on is the epoch
 number or, with train.eval_steps, the optimizer step.
 """
@@ -64,7 +64,7 @@ class TrainResult:
 class _TrialCallback(TrainerCallback):
     def __init__(self, result: TrainResult, on_epoch: Callable[[int, dict], None], task: Task, tokenizer,
                  generate: dict | None, labels: tuple, batch_size: int,
-                 by_steps: bool = False):
+                 by_steps: bool = False, generate_every: bool = True):
         self.result = result
         self.on_epoch = on_epoch
         self.training = False
@@ -74,6 +74,7 @@ class _TrialCallback(TrainerCallback):
         self.labels = labels
         self.batch_size = batch_size
         self.by_steps = by_steps
+        self.generate_every = generate_every  # False: generate at the final evaluation only (data.generate_at)
         self._t0 = 0.0
         self._eval_in_epoch = 0.0  # evaluations (and our reporting) that ran inside this epoch
 
@@ -100,7 +101,9 @@ class _TrialCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
         metrics = dict(metrics or {})
         t0 = time.perf_counter()
-        row = self.task.epoch_metrics(metrics, model, self.tokenizer, self.generate, self.batch_size, self.labels)
+        final = state.global_step >= state.max_steps  # the last epoch's, or the closing one with train.eval_steps
+        generate = self.generate if self.generate_every or final else None
+        row = self.task.epoch_metrics(metrics, model, self.tokenizer, generate, self.batch_size, self.labels)
         runtime = metrics.get("eval_runtime", 0.0)
         self.result.eval_seconds += runtime + time.perf_counter() - t0
         step = state.global_step if self.by_steps else len(self.result.epochs) + 1
@@ -197,13 +200,15 @@ def mixed_precision(settings: TrainConfig, device: str) -> dict:
 
 def train(model, tokenizer, train_set, eval_set, settings: TrainConfig, device: str,
           on_epoch: Callable[[int, dict], None], task: Task | None = None, generate: dict | None = None,
-          labels: tuple = (), eval_ids: list | None = None) -> TrainResult:
-    """`generate`/`labels`: the eval prompts whose answers a language-model task generates (Splits.generate);
+          labels: tuple = (), eval_ids: list | None = None, generate_every: bool = True) -> TrainResult:
+    """`generate`/`labels`: the eval prompts whose answers a language-model task generates (Splits.generate),
+    at every evaluation or (generate_every=False) the final one only;
     `eval_ids`: the eval examples' ids in eval_set's order (Splits.eval_ids), for per-example results."""
     task = task or SequenceClassification(None)
     result = TrainResult()
     callback = _TrialCallback(result, on_epoch, task, tokenizer, generate, labels,
-                              settings.per_device_eval_batch_size, by_steps=bool(settings.eval_steps))
+                              settings.per_device_eval_batch_size, by_steps=bool(settings.eval_steps),
+                              generate_every=generate_every)
     with tempfile.TemporaryDirectory(prefix="lora-sweep-") as out:
         args = TrainingArguments(
             output_dir=out,

@@ -72,3 +72,45 @@ def plain_text(path: Path, n: int = 60) -> Path:
     path.write_text("\n".join("the day was " + " ".join(rng.choices(POSITIVE + NEGATIVE, k=4))
                               for _ in range(n)) + "\n")
     return path
+
+
+# SmolLM2-Instruct's chat template (ChatML, a default system turn when the conversation has none)
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+          "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def chat_tokenizer(template: str = CHATML):
+    """The word-level tokenizer with ChatML's turn markers as special tokens and the role names as words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIAL + ["<|im_start|>", "<|im_end|>", "system", "user", "assistant"]
+                                        + WORDS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>")
+    tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)  # never split by the pre-tokenizer
+    tok.chat_template = template
+    return tok
+
+
+def instruction_rows(n: int = 40) -> list[dict]:
+    """Learnable instruction pairs: a sentiment question, the label as the answer."""
+    rng = random.Random(2)
+    rows = []
+    for i in range(n):
+        words = POSITIVE if i % 2 else NEGATIVE
+        rows.append({"prompt": "Sentiment of: " + " ".join(rng.choices(words, k=4)) + " ->",
+                     "completion": " positive" if i % 2 else " negative"})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -28,13 +28,14 @@ FULL = {"label": "r=8", "excluded": "rule: why", "warm_start": True, "stage": "c
         "device": "cpu", "worker": "host:42",
         "memory_before_mb": 654.3, "params": {"r": 8, "target_modules": ["query", "value"]}, "lora_scale": 2.0,
         "mlflow_run_id": "abc123", "eval_accuracy": 0.875, "eval_loss": 0.31, "eval_f1": 0.86,
-        "eval_perplexity": 1.36, "train_loss": 0.42, "trainable_params": 4162, "total_params": 1001252,
+        "eval_perplexity": 1.36, "eval_exact_match": 0.625, "eval_chrf": 71.5,
+        "train_loss": 0.42, "trainable_params": 4162, "total_params": 1001252,
         "trainable_pct": 0.4157, "peak_memory_mb": 60.3, "epoch_time_s": 2.25, "adapter_size_mb": 0.017,
         "train_seconds": 4.6, "eval_seconds": 1.04, "epochs": [{"eval_accuracy": 0.5}, {"eval_accuracy": 0.875}],
         "memory_kind": "cpu_peak_rss_above_trial_start_sampled", "batch_shapes": {"16x7": 5, "16x9": 3},
         "lora_params": 4096,
         "error": "boom", "memory_after_mb": 655.1, "pruned_at_step": 4, "pruned_at_unit": "step",
-        "pruned_at_epoch": 2}
+        "pruned_at_epoch": 2, "examples_kept": 118, "examples_prompt_truncated": 3, "examples_dropped": 2}
 
 
 def test_full_covers_every_field_and_the_runners_results():

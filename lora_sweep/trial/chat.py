@@ -1,0 +1,259 @@
+"""Instruction and chat data for lora.task_type=CAUSAL_LM: the two shapes LLM users bring, as TRL names
+their columns, trained with the loss on the answer only.
+
+- prompt_completion: a `prompt` and a `completion` string per row. The prompt is tokenized as the
+  tokenizer does (BOS first where it adds one), the completion on its own + EOS; the loss covers the
+  completion tokens and EOS. Write any separator (a space, a newline) into the data, as with TRL.
+- messages: a list of {role, content} per row, rendered by the tokenizer's own chat template. The
+  loss covers the last assistant turn only (earlier assistant turns are context): SmolLM2's ChatML
+  template has no {% generation %} markers, so the mask is derived instead: the conversation up to
+  the last assistant turn, rendered with add_generation_prompt=True, must be a token-for-token prefix
+  of the whole rendering; that prefix is masked and what follows (the answer and its end-of-turn
+  tokens) is trained on.
+
+data.format=auto picks the shape from the columns (data.messages_column first, then
+data.prompt_column + data.completion_column); every row is checked when the data is loaded, before
+any training (roles system/user/assistant, system only first, ending in an assistant turn, non-empty
+string contents and completions): a bad row raises ConfigError with its row number.
+
+An example longer than data.max_length is never cut silently: with data.truncation=left its prompt
+loses tokens from the left (a leading BOS stays), with drop the example is dropped; the answer is
+always kept whole, so an answer that alone fills max_length drops its example. The counts (kept,
+prompt_truncated, dropped) are logged and stored on each trial (lora_sweep.record.TrialRecord).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from lora_sweep.config import ConfigError, DataConfig
+from lora_sweep.config.names import CHAT_FORMATS
+from lora_sweep.trial.tasks import IGNORE, CausalLM, Task, example_losses
+from lora_sweep.trial.tasks import get_task as task_for
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+SOURCE = "__source_index__"       # an encoded example's position in its raw split (dropped rows leave gaps)
+SAMPLE_ROWS = 5  # generations in the trial's sample table (prompt, reference, output)
+TRUNCATED = "__prompt_truncated__"  # whether its prompt was cut from the left to fit data.max_length
+
+
+def get_task(task_type: str, data: DataConfig, shape: str) -> Task:
+    """lora_sweep.trial.tasks.get_task, with ChatLM for instruction/chat data (`shape`: Splits.format)."""
+    if shape not in CHAT_FORMATS:
+        return task_for(task_type, data)
+    if task_type != "CAUSAL_LM":
+        raise ConfigError(f"lora.task_type={task_type!r}: {data.name_or_path} holds {shape} data "
+                          f"(instruction/chat), which trains with lora.task_type=CAUSAL_LM only.")
+    return ChatLM(data, shape)
+
+
+def detect(columns: list[str], config: DataConfig) -> str:
+    """The data's shape (names.DATA_FORMATS less auto) from its columns and data.format."""
+    cols = set(columns)
+    pair = {config.prompt_column, config.completion_column}
+    need = {"messages": {config.messages_column}, "prompt_completion": pair,
+            "labelled": {config.text_column, config.label_column}, "text": {config.text_column}}
+    shape = config.format
+    if shape == "auto":
+        if config.messages_column in cols:
+            shape = "messages"
+        elif pair <= cols:
+            shape = "prompt_completion"
+        elif config.label_column is not None and need["labelled"] <= cols:
+            shape = "labelled"
+        elif config.label_column is None and config.text_column in cols:
+            shape = "text"
+        else:
+            raise ConfigError(
+                f"data.name_or_path={config.name_or_path!r}: no recognisable columns. Found: "
+                f"{', '.join(columns) or 'none'}. Accepted: {config.messages_column!r} (data.messages_column: "
+                f"chat messages), {config.prompt_column!r} + {config.completion_column!r} (data.prompt_column, "
+                f"data.completion_column: instruction pairs), {config.text_column!r} + {config.label_column!r} "
+                f"(data.text_column, data.label_column: labelled text), or {config.text_column!r} with "
+                f"data.label_column=null (plain text); or set data.format and the column names.")
+    missing = sorted(c for c in need[shape] if c is not None and c not in cols)
+    if missing:
+        raise ConfigError(f"data.format={config.format!r}: {config.name_or_path!r} lacks the column(s) "
+                          f"{', '.join(map(repr, missing))} that {shape} data needs; its columns are: "
+                          f"{', '.join(columns)}.")
+    return shape
+
+
+def check_rows(ds, shape: str, config: DataConfig, id_column: str):
+    """ds reduced to the shape's standard columns (prompt, completion | messages) and the id column,
+    every row checked; a bad row raises ConfigError naming the field, the row and what is allowed."""
+    if shape == "prompt_completion":
+        ds = ds.select_columns([config.prompt_column, config.completion_column, id_column])
+        for field, col in (("prompt", config.prompt_column), ("completion", config.completion_column)):
+            for row, value in zip(ds[id_column], ds[col]):
+                if not isinstance(value, str) or not value.strip():
+                    raise ConfigError(f"data.{field}_column={col!r}: row {row} of {config.name_or_path} holds "
+                                      f"{value!r}; every {field} must be a non-empty string.")
+        renames = {config.prompt_column: "prompt", config.completion_column: "completion"}
+    else:
+        ds = ds.select_columns([config.messages_column, id_column])
+        for row, messages in zip(ds[id_column], ds[config.messages_column]):
+            check_conversation(messages, f"data.messages_column={config.messages_column!r}: row {row} of "
+                                         f"{config.name_or_path}")
+        renames = {config.messages_column: "messages"}
+    return ds.rename_columns({k: v for k, v in renames.items() if k != v})
+
+
+def check_conversation(messages, where: str) -> None:
+    """lora-sweep's own check, since a chat template renders anything it is given."""
+    if not isinstance(messages, list) or not messages:
+        raise ConfigError(f"{where} holds {messages!r}; allowed: a non-empty list of {{role, content}} turns.")
+    for i, turn in enumerate(messages):
+        role = turn.get("role") if isinstance(turn, dict) else None
+        content = turn.get("content") if isinstance(turn, dict) else None
+        if role not in ROLES:
+            raise ConfigError(f"{where}, turn {i}: role {role!r}; allowed: {', '.join(ROLES)}.")
+        if role == "system" and i > 0:
+            raise ConfigError(f"{where}, turn {i}: a system turn; allowed only as the first turn.")
+        if not isinstance(content, str) or not content.strip():
+            raise ConfigError(f"{where}, turn {i} ({role}): content {content!r}; allowed: a non-empty string.")
+    if messages[-1]["role"] != "assistant":
+        raise ConfigError(f"{where}: the conversation ends with a {messages[-1]['role']!r} turn; it must end "
+                          f"with the assistant turn the model is trained to write.")
+
+
+def split(ds, shape: str, config: DataConfig, id_column: str):
+    """Checked rows -> a seeded random train/eval split (datasets' train_test_split result)."""
+    ds = check_rows(ds, shape, config, id_column)
+    need = config.train_size + config.eval_size
+    if need > len(ds):
+        raise ConfigError(f"data.train_size + data.eval_size = {need} but {config.name_or_path} has only "
+                          f"{len(ds)} examples. Lower the sizes.")
+    return ds.train_test_split(train_size=config.train_size, test_size=config.eval_size, seed=config.seed)
+
+
+# -- tokens --------------------------------------------------------------------------------------
+
+def render(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
+    """(prefix, answer) token ids of a conversation: the prefix is everything up to the last assistant
+    turn with the template's generation prompt; the answer is the rest of the full rendering."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("model.name_or_path: its tokenizer has no chat template, which messages data needs; "
+                          "use an Instruct/chat model, or give the data as prompt + completion columns.")
+    # tokenize=False, then tokenize without special tokens: what apply_chat_template itself does
+    prefix_text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(messages, tokenize=False)
+    prefix = tokenizer(prefix_text, add_special_tokens=False)["input_ids"]
+    full = tokenizer(full_text, add_special_tokens=False)["input_ids"]
+    if full[:len(prefix)] != prefix or len(full) == len(prefix):
+        raise ConfigError("the tokenizer's chat template cannot mask the answer: the conversation rendered up "
+                          "to its last assistant turn with add_generation_prompt=True is not a token-for-token "
+                          f"prefix of the whole conversation's rendering (prefix {prefix_text!r}, full "
+                          f"{full_text!r}). lora-sweep needs a template whose generation prompt opens the "
+                          "assistant turn exactly as the rendered turn does (ChatML, LLaMA-3 and the like).")
+    return prefix, full[len(prefix):]
+
+
+def fit(prompt: list[int], answer: list[int], max_length: int, truncation: str, bos: int | None):
+    """(prompt, truncated) that fits max_length with the answer whole, or None: drop the example."""
+    if len(prompt) + len(answer) <= max_length:
+        return prompt, False
+    room = max_length - len(answer)
+    keep_bos = bool(prompt) and bos is not None and prompt[0] == bos
+    if truncation == "drop" or room < 1 + keep_bos:  # the answer alone fills max_length: no prompt left
+        return None
+    return ([bos] if keep_bos else []) + prompt[len(prompt) - room + keep_bos:], True
+
+
+class ChatLM(CausalLM):
+    """lora.task_type=CAUSAL_LM on prompt_completion or messages data (see the module docstring).
+    eval_loss / eval_perplexity every epoch over the held-out answers; where the trial generates
+    (data.generate_at; auto: the last evaluation), greedy answers to the first data.generate_size eval
+    prompts scored by normalised exact match and chrF (lora_sweep.trial.metrics.generation_scores), and
+    the first SAMPLE_ROWS of them kept as a sample table. Per example the answer's loss; label = the
+    reference answer, prediction = the generated one, correct = their normalised exact match."""
+
+    last_samples = None  # pandas DataFrame (prompt, reference, output): the last generation's first rows
+
+    def __init__(self, data: DataConfig | None, shape: str):
+        super().__init__(data)
+        if shape not in CHAT_FORMATS:
+            raise ValueError(f"ChatLM takes {CHAT_FORMATS}, not {shape!r}")
+        self.shape = shape
+
+    def pairs(self, dataset, tokenizer) -> list[tuple[list[int], list[int]]]:
+        """(prompt, answer) token ids of every raw example, untruncated."""
+        if self.shape == "messages":
+            return [render(m, tokenizer) for m in dataset["messages"]]
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        prompts = tokenizer(list(dataset["prompt"]))["input_ids"]
+        answers = tokenizer(list(dataset["completion"]), add_special_tokens=False)["input_ids"]
+        return [(p, a + eos) for p, a in zip(prompts, answers)]
+
+    def fitted(self, dataset, tokenizer) -> list[tuple[int, list[int], list[int], bool]]:
+        """(source index, prompt, answer, prompt truncated) of the examples that fit data.max_length."""
+        out = []
+        for i, (prompt, answer) in enumerate(self.pairs(dataset, tokenizer)):
+            kept = fit(prompt, answer, self.data.max_length, self.data.truncation, tokenizer.bos_token_id)
+            if kept is not None:
+                out.append((i, kept[0], answer, kept[1]))
+        return out
+
+    def encode(self, dataset, tokenizer, labels: tuple):
+        import datasets
+
+        rows = self.fitted(dataset, tokenizer)
+        return datasets.Dataset.from_dict({
+            "input_ids": [p + a for _, p, a, _ in rows],
+            "attention_mask": [[1] * (len(p) + len(a)) for _, p, a, _ in rows],
+            "labels": [[IGNORE] * len(p) + a for _, p, a, _ in rows],  # the loss on the answer only
+            SOURCE: [i for i, *_ in rows], TRUNCATED: [t for *_, t in rows]})
+
+    def generation_set(self, dataset, tokenizer, labels: tuple):
+        """The first data.generate_size kept eval examples: prompt ids, reference answers (text), their
+        source indices (data.tokenized turns them into example ids)."""
+        rows = self.fitted(dataset, tokenizer)[:self.data.generate_size or None]
+        references = (list(dataset["completion"]) if self.shape == "prompt_completion"
+                      else [m[-1]["content"] for m in dataset["messages"]])
+        return {"prompt_ids": [p for _, p, _, _ in rows], "references": [references[i] for i, *_ in rows],
+                "max_new_tokens": max((len(a) for *_, a, _ in rows), default=1), SOURCE: [i for i, *_ in rows]}
+
+    def epoch_metrics(self, trainer_metrics: dict, model, tokenizer, generate, batch_size: int,
+                      labels: tuple) -> dict:
+        import pandas as pd
+
+        from lora_sweep.trial.metrics import generation_scores
+        from lora_sweep.trial.tasks import perplexity
+
+        loss = float(trainer_metrics["eval_loss"])
+        row = {"eval_loss": loss, "eval_perplexity": perplexity(loss)}
+        if generate is not None:  # None: the trial does not generate at this evaluation (data.generate_at)
+            answers = self.generate_answers(model, tokenizer, generate, batch_size)
+            self.last_answers = answers
+            row.update(generation_scores(answers, generate["references"]))
+            shown = generate["prompt_ids"][:SAMPLE_ROWS]
+            self.last_samples = pd.DataFrame({
+                "prompt": tokenizer.batch_decode(shown, skip_special_tokens=True),
+                "reference": generate["references"][:len(shown)], "output": answers[:len(shown)]})
+        return row
+
+    def example_outcomes(self, trainer, eval_set, eval_ids, generate, labels: tuple):
+        """Per eval example: its answer's mean token loss; label = the reference answer (generated
+        examples); prediction = the generated answer where one was generated, else None."""
+        import pandas as pd
+
+        from lora_sweep.trial.metrics import exact_match
+
+        if eval_ids is None:
+            return None
+        frame = pd.DataFrame({"example_id": list(eval_ids), "loss": example_losses(trainer, eval_set, True)})
+        refs = dict(zip(generate["example_ids"], generate["references"])) if generate else {}
+        answers = dict(zip(generate["example_ids"], self.last_answers or [])) if generate else {}
+        frame["label"] = [refs.get(i) for i in frame["example_id"]]
+        frame["prediction"] = [answers.get(i) for i in frame["example_id"]]
+        frame["correct"] = [None if p is None else exact_match(p, g) for p, g in zip(frame["prediction"], frame["label"])]
+        return frame[["example_id", "label", "prediction", "correct", "loss"]]
+
+
+def length_counts(raw, encoded) -> dict:
+    """kept / prompt_truncated / dropped of one split after data.max_length."""
+    truncated = int(sum(encoded[TRUNCATED])) if len(encoded) else 0
+    return {"kept": len(encoded), "prompt_truncated": truncated, "dropped": len(raw) - len(encoded)}
+
