@@ -35,6 +35,7 @@ class TrialRecord:
     stage: str = ""                          # "confirm": a confirmation run (companion study), "" = the search
     confirms: int | None = None              # a confirmation run's search trial (the configuration it repeats)
     device: str = ""                         # cpu | cuda
+    precision: str = ""                      # what it trained in: fp32 | bf16 | fp16
     worker: str = ""                         # host:pid of the process that ran it
     memory_before_mb: float | None = None    # process RSS at the trial's start (after releasing memory)
     params: dict = field(default_factory=dict)  # the MLflow params (LoraConfig / TrainingArguments names)
@@ -124,7 +125,7 @@ def write_to_storage(storage, trial_id: int, **values) -> None:
 # -- the study's own attributes ----------------------------------------------------------------
 
 PARENT_ATTR = "mlflow_parent_run_id"  # the sweep's MLflow parent run, shared by every worker
-_META, _TIMINGS, _PARETO = "meta", "timings", "pareto_front"
+_META, _TIMINGS, _PARETO, _PRECISION = "meta", "timings", "pareto_front", "precision"
 
 
 def meta(study) -> dict:
@@ -147,6 +148,16 @@ def timings(study) -> dict:
 
 def set_timings(study, value: dict) -> None:
     study.set_user_attr(_TIMINGS, value)
+
+
+def precision(study) -> dict:
+    """train.mixed_precision=auto's CPU decision, made once a study (lora_sweep.trial.precision.decide):
+    choice, fp32_s, bf16_s, speedup, threshold, shape; {} where none was made."""
+    return dict(study.user_attrs.get(_PRECISION) or {})
+
+
+def set_precision(study, value: dict) -> None:
+    study.set_user_attr(_PRECISION, value)
 
 
 def parent_run_id(study) -> str | None:

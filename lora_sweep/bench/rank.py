@@ -123,7 +123,7 @@ def seed_groups(config, points, rows: list[dict]) -> list[dict]:
     return out
 
 
-def run_sweep(overrides: list[str], work: Path) -> tuple[float, list]:
+def run_sweep(overrides: list[str], work: Path) -> tuple[float, list, dict, dict]:
     import optuna
 
     cmd = [sys.executable, "-m", "lora_sweep", *overrides, f"paths.sweeps_dir={work / 'sweeps'}",
@@ -136,7 +136,7 @@ def run_sweep(overrides: list[str], work: Path) -> tuple[float, list]:
     db = next((work / "sweeps").glob("*/study.db"))
     study = optuna.load_study(study_name=db.parent.name, storage=f"sqlite:///{db}")
     return wall, [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE], \
-        record.timings(study)
+        record.timings(study), record.precision(study)
 
 
 def run_baseline(spec: dict) -> tuple[float, dict]:
@@ -200,7 +200,7 @@ def main(argv: list[str]) -> int:
         run_baselines(before)
         peak.append(matmul_peak_gflops(dtype=dtype))
         t0 = time.perf_counter() - start
-        wall_a, trials, timings = run_sweep(overrides, work)
+        wall_a, trials, timings, decision = run_sweep(overrides, work)
         schedule.append({"run": "sweep", "start_s": t0, "end_s": time.perf_counter() - start})
         print(f"bench: (a) sweep: {wall_a:.1f} s wall", flush=True)
         peak.append(matmul_peak_gflops(dtype=dtype))
@@ -211,6 +211,11 @@ def main(argv: list[str]) -> int:
     rows, flops_total, train_total = [], 0.0, 0.0
     coeffs = {}
     by_label = {rec.label: rec for rec in map(record.TrialRecord.from_trial, trials)}
+    used = " / ".join(sorted({rec.precision for rec in by_label.values() if rec.precision})) or "not recorded"
+    if decision:  # train.mixed_precision=auto on a CPU: the sweep's own measurement chose
+        from lora_sweep.trial.precision import describe
+        used += f" (auto: {describe(decision)})"
+    print(f"bench: (a) the sweep trained in {used}", flush=True)
     for p in points:
         rec = by_label[p.label]
         key = (p.settings.model, p.settings.lora)
@@ -249,7 +254,7 @@ def main(argv: list[str]) -> int:
         # with train.seed in the space: each configuration's accuracy is its mean over the seeds
         "seed_groups": groups,
         "mean_accuracy_gap_points": 100 * sum(r["sweep_accuracy"] - r["baseline_accuracy"] for r in rows) / len(rows),
-        "precision": precision, "matmul_peak_gflops": peak_gflops, "matmul_peak_each_gflops": peak,
+        "sweep_precision": used, "precision": precision, "matmul_peak_gflops": peak_gflops, "matmul_peak_each_gflops": peak,
         "train_gflops": flops_total / train_total / 1e9,
         "mfu": flops_total / train_total / 1e9 / peak_gflops,
         "load_average_end": os.getloadavg()[0],
@@ -297,7 +302,8 @@ def render(r: dict) -> str:
         "# Benchmark: lora_sweep sweep vs hand-written Trainer-per-config script", "",
         f"- **Command**: `{r['command']}`",
         f"- **Date**: {r['date']}; **device**: {r.get('device', 'not recorded')}; "
-        f"load average at the end {r['load_average_end']:.2f}",
+        f"load average at the end {r['load_average_end']:.2f}"
+        + (f"; **sweep precision**: {r['sweep_precision']}" if "sweep_precision" in r else ""),
         f"- **Versions**: {', '.join(f'{k} {v}' for k, v in r.get('versions', {}).items()) or 'not recorded'}", "",
         table.to_markdown(index=False), "",
         *([seed_table.to_markdown(index=False), ""] if groups else []),

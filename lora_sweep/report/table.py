@@ -23,7 +23,7 @@ from lora_sweep.report.budget import NOTE as BUDGET_NOTE, budget_column
 from lora_sweep.report.frame import _eval_size, load_examples, trials_frame, with_intervals
 from lora_sweep.report.findings import complete, noise, pareto_mask, pareto_sentence, param_importances, sweep_findings
 from lora_sweep.report.plots import TITLES, write_plots
-from lora_sweep.report.stats import wilson
+from lora_sweep.trial.precision import describe as describe_precision
 
 log = logging.getLogger("lora_sweep")
 
@@ -81,6 +81,16 @@ def _cell(v) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
+def _precision_fact(study: optuna.Study, df: pd.DataFrame) -> str:
+    """', bf16 chosen: 1.7x faster than fp32 at 32x128' (auto's stored decision), else what the trials
+    recorded (', bf16'); '' for studies from versions that recorded neither."""
+    decision = record.precision(study)
+    if decision:
+        return f", {describe_precision(decision)}"
+    used = sorted({p for p in df.get("precision", pd.Series(dtype=object)).dropna() if p})
+    return f", {' / '.join(used)}" if used else ""
+
+
 def _facts(config: Config, study: optuna.Study, df: pd.DataFrame) -> list[tuple[str, str]]:
     meta = record.meta(study)
     counts = df["status"].value_counts().to_dict() if len(df) else {}
@@ -90,7 +100,7 @@ def _facts(config: Config, study: optuna.Study, df: pd.DataFrame) -> list[tuple[
                  f"{meta.get('train_size', '?')} train / {meta.get('eval_size', '?')} eval examples, "
                  f"max_length {meta.get('max_length', '?')}"),
         ("Task", meta.get("task_type", config.base.lora.task_type)),
-        ("Device", meta.get("device", "?")),
+        ("Device", meta.get("device", "?") + _precision_fact(study, df)),
         ("Date", meta.get("date", "?")),
         ("Search", f"{meta.get('sampler', '?')} over "
                    + (", ".join(f"`{k}: {v}`" for k, v in meta.get("space", {}).items()) or "the base config")),

@@ -24,6 +24,7 @@ from lora_sweep.search.constraints import Excluded
 from lora_sweep.search.space import Point, SearchSpace
 from lora_sweep.trial import interrupt
 from lora_sweep.trial.metrics import failure_reason, release_memory, rss_mb
+from lora_sweep.trial.train import precision_name
 from lora_sweep.trial.runner import LM_RESULT_KEYS, RESULT_KEYS, budgeted, run_trial, target_names
 
 log = logging.getLogger("lora_sweep")
@@ -80,7 +81,8 @@ class Objective:
         self.progress.trial_started(trial.number, point.label)
         release_memory()
         record.write(trial, memory_before_mb=round(rss_mb(), 1),  # process RSS: proves a failed trial gave it back
-                     device=self.device, worker=f"{socket.gethostname()}:{os.getpid()}")  # which worker ran it
+                     device=self.device, worker=f"{socket.gethostname()}:{os.getpid()}",  # which worker ran it
+                     precision=precision_name(point.settings.train, self.device))
         preview = target_names(point.settings)
         params = mlflow_params(point.settings, preview)
         record.write(trial, params={k: _jsonable(v) for k, v in params.items()},

@@ -26,6 +26,8 @@ from lora_sweep.trial import data
 from lora_sweep.trial import environment
 from lora_sweep.trial import interrupt
 from lora_sweep.trial import models
+from lora_sweep.trial import precision
+from lora_sweep.trial.train import precision_name
 from lora_sweep.report import pareto
 from lora_sweep.search import storage
 from lora_sweep.config import Config, ConfigError
@@ -128,6 +130,8 @@ def _run(config: Config, space: SearchSpace, sampler: str, device: str, orphans:
             tracker = Tracker(config.tracking_uri, config.experiment_name,
                               config.paths.sweeps_dir / "mlartifacts")
             meta = _meta(config, sampler, device)
+            config = _with_precision(config, study, device)  # decided once a study, under this lock
+            space = SearchSpace(config)
             if not record.has_meta(study):
                 record.set_meta(study, meta)
             parent = tracker.parent_run(study, f"sweep {config.study.name}", {
@@ -212,6 +216,23 @@ def _search(config: Config, space: SearchSpace, study: optuna.Study, objective, 
                            callbacks=[*budget_callbacks(config, space), *callbacks])
     except QueueEmpty:
         pass
+
+
+def _with_precision(config: Config, study: optuna.Study, device: str) -> Config:
+    """train.mixed_precision=auto on a CPU: the study's stored bf16-or-fp32 decision (timed here the
+    first time), written into the config every trial is built from. Other settings pass unchanged."""
+    train = config.base.train
+    if train.mixed_precision != "auto" or device != "cpu":
+        log.info("Precision: %s (train.mixed_precision=%s)", precision_name(train, device), train.mixed_precision)
+        return config
+    decision = record.precision(study)
+    if not decision:
+        decision = precision.decide(config.base)
+        record.set_precision(study, decision)
+    log.info("Precision: %s (train.mixed_precision=auto%s)", precision.describe(decision), "" if "fp32_s" not in
+             decision else f"; a training step took {decision['fp32_s']:.3f} s in fp32, {decision['bf16_s']:.3f} s in bf16")
+    train = dataclasses.replace(train, mixed_precision=precision.mixed_precision_value(decision))
+    return dataclasses.replace(config, base=dataclasses.replace(config.base, train=train))
 
 
 def _stopped_early(config: Config, space: SearchSpace, study: optuna.Study, elapsed: float) -> str:

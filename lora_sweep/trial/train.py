@@ -186,8 +186,7 @@ def _warn_slow_bf16(speedup: float) -> None:
 def mixed_precision(settings: TrainConfig, device: str) -> dict:
     mode = settings.mixed_precision
     if mode == "auto":
-        # CPUs stay fp32: whether bf16 pays varies by CPU (reports/bench/README.md), and results
-        # should not depend on which CPU ran them.
+        # A CPU stays fp32 here: a sweep replaces auto with its measured choice first (lora_sweep.trial.precision).
         mode = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "no"
     if mode == "fp16" and device != "cuda":
         from lora_sweep.config import ConfigError
@@ -196,6 +195,14 @@ def mixed_precision(settings: TrainConfig, device: str) -> dict:
     if mode == "bf16" and device == "cpu" and (speedup := cpu_bf16_speedup()) < 1:
         _warn_slow_bf16(round(speedup, 2))
     return {"bf16": mode == "bf16", "fp16": mode == "fp16"}
+
+
+def precision_name(settings: TrainConfig, device: str) -> str:
+    """What a trial with these settings trains in: fp32 | bf16 | fp16 (its TrialRecord.precision)."""
+    mode = settings.mixed_precision
+    if mode == "auto":
+        mode = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    return "fp32" if mode == "no" else mode
 
 
 def train(model, tokenizer, train_set, eval_set, settings: TrainConfig, device: str,

@@ -25,7 +25,7 @@ OLD_STUDY = ROOT / "tests" / "fixtures" / "old_study"
 
 # A complete trial's record with every field set to something other than its default.
 FULL = {"label": "r=8", "excluded": "rule: why", "warm_start": True, "stage": "confirm", "confirms": 3,
-        "device": "cpu", "worker": "host:42",
+        "device": "cpu", "precision": "bf16", "worker": "host:42",
         "memory_before_mb": 654.3, "params": {"r": 8, "target_modules": ["query", "value"]}, "lora_scale": 2.0,
         "mlflow_run_id": "abc123", "eval_accuracy": 0.875, "eval_loss": 0.31, "eval_f1": 0.86,
         "eval_perplexity": 1.36, "eval_exact_match": 0.625, "eval_chrf": 71.5,
@@ -138,6 +138,9 @@ def test_study_attributes_have_one_accessor_each():
     assert study.user_attrs == {"meta": {"eval_size": 40}, "timings": {"trials_s": 1.5},
                                 "mlflow_parent_run_id": "p1", "pareto_front": [3, 1]}  # the keys earlier versions read
     assert record.has_meta(study) and record.pareto_front(study) == [3, 1]
+    assert record.precision(study) == {}
+    record.set_precision(study, {"choice": "bf16", "speedup": 1.7})
+    assert study.user_attrs["precision"] == {"choice": "bf16", "speedup": 1.7} == record.precision(study)
 
 
 def test_report_mode_renders_a_study_written_by_the_earlier_version(tmp_path):
