@@ -183,8 +183,8 @@ _LM_NOTES = ["Accuracy: share of eval examples (the first data.generate_size) wh
              "Perplexity: exp(eval_loss), the loss on the answer tokens only (every token on plain text)."]
 
 _CHAT_NOTES = ["Exact match: share of eval examples (the first data.generate_size) whose greedily generated answer "
-               "equals the reference after normalising both (outer whitespace stripped, inner whitespace collapsed "
-               "to one space, casefolded), at the last epoch (data.generate_at).",
+               "equals the reference after normalising both (punctuation removed, outer whitespace stripped, "
+               "inner whitespace collapsed to one space, casefolded), at the last epoch (data.generate_at).",
                "chrF: sacrebleu's corpus chrF (0-100; character 6-grams, beta 2) of the same generated answers.",
                _LM_NOTES[1]]
 

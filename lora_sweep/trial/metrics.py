@@ -128,8 +128,12 @@ def failure_reason(error: BaseException) -> str:
 
 
 def normalise(text: str) -> str:
-    """Exact match's normal form: outer whitespace stripped, inner runs collapsed to one space, casefolded."""
-    return " ".join(str(text).split()).casefold()
+    """Exact match's normal form (SQuAD's, less its article rule): punctuation removed, outer whitespace
+    stripped, inner runs collapsed to one space, casefolded."""
+    import unicodedata
+
+    kept = "".join(ch for ch in str(text) if not unicodedata.category(ch).startswith("P"))
+    return " ".join(kept.split()).casefold()
 
 
 def exact_match(prediction: str, reference: str) -> bool:

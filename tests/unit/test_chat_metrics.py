@@ -23,7 +23,8 @@ def test_normalisation_strips_collapses_whitespace_and_casefolds():
     assert normalise("  The\tDay \n was  GREAT ") == "the day was great"
     assert normalise("Straße") == "strasse"  # casefold, not lower
     assert exact_match(" Positive\n", "positive") and exact_match("a  b", "A b")
-    assert not exact_match("positive.", "positive") and not exact_match("ab", "a b")
+    assert exact_match("Positive.", "positive") and exact_match("«don't»", "dont")  # punctuation goes
+    assert not exact_match("positive!?x", "positive") and not exact_match("ab", "a b")
 
 
 def test_generation_scores_are_exact_match_share_and_sacrebleu_corpus_chrf():
