@@ -3,9 +3,10 @@ lora_sweep.record.read_examples), and the effective-scale warning; sentences for
 
 Which comparisons: each configuration against the most accurate one, plus, in a one-knob numeric
 sweep, each adjacent step; Holm's adjustment runs over exactly that set. Accuracy: exact McNemar
-test (stats.mcnemar); the difference's 95% interval is a paired bootstrap over examples (the same
+test (stats.mcnemar); the difference's interval is a paired bootstrap over examples (the same
 resampled examples for both sides, 2,000 resamples, percentile), as are those of macro F1 and
-mean eval loss. Runs of one configuration over several seeds are pooled, each example paired with
+mean eval loss, each at its Holm step-down level (stats.holm_levels), so that an interval and its
+adjusted p tell the same story. Runs of one configuration over several seeds are pooled, each example paired with
 the same example of the same seed.
 """
 
@@ -46,21 +47,22 @@ def comparisons(lv: list, numeric: bool) -> list[tuple[int, int]]:
     return pairs
 
 
-def compare(first: pd.DataFrame, second: pd.DataFrame, seed: int = 0) -> dict:
+def compare(first: pd.DataFrame, second: pd.DataFrame, seed: int = 0, level: float = stats.LEVEL) -> dict:
     """Accuracy (McNemar, paired bootstrap), macro F1 and loss (paired bootstrap) of first - second."""
     m = first.merge(second, on=["_run", "example_id"], suffixes=("_a", "_b"))
     m = m[m["correct_a"].notna() & m["correct_b"].notna()]
     ca, cb = m["correct_a"].astype(bool).to_numpy(), m["correct_b"].astype(bool).to_numpy()
     test = stats.mcnemar(ca, cb)
-    acc = stats.paired_bootstrap(stats.mean, (ca,), (cb,), seed=seed)
+    acc = stats.paired_bootstrap(stats.mean, (ca,), (cb,), seed=seed, level=level)
     gold = m["label_a"].astype(str).to_numpy()
     classes = np.unique(gold)
     pa, pb = m["prediction_a"].astype(str).to_numpy(), m["prediction_b"].astype(str).to_numpy()
-    f1 = stats.paired_bootstrap(lambda g, p: stats.macro_f1(g, p, classes), (gold, pa), (gold, pb), seed=seed)
+    f1 = stats.paired_bootstrap(lambda g, p: stats.macro_f1(g, p, classes), (gold, pa), (gold, pb), seed=seed,
+                                level=level)
     la, lb = m["loss_a"].to_numpy(float), m["loss_b"].to_numpy(float)
     ok = np.isfinite(la) & np.isfinite(lb)
-    loss = stats.paired_bootstrap(stats.mean, (la[ok],), (lb[ok],), seed=seed) if ok.any() else None
-    return {"test": test, "acc": acc, "f1": f1, "loss": loss}
+    loss = stats.paired_bootstrap(stats.mean, (la[ok],), (lb[ok],), seed=seed, level=level) if ok.any() else None
+    return {"test": test, "acc": acc, "f1": f1, "loss": loss, "level": level}
 
 
 def _pts(x: float) -> str:
@@ -78,11 +80,12 @@ def _p(p: float) -> str:
 def sentence(a, b, c: dict, p_adj: float, alpha: float = 0.05) -> str:
     """One comparison, a against b: who beat whom, by how much, how sure."""
     d, test = c["acc"], c["test"]
-    detail = (f"95% CI {_pts(d.low)} to {_pts(d.high)}; McNemar {_p(p_adj)}, Holm-adjusted; "
-              f"{test.n:,} paired examples; F1 {_num(c['f1'].estimate)} (95% CI {_num(c['f1'].low)} to "
+    ci = f"{100 * c.get('level', stats.LEVEL):.4g}% CI"  # Holm's step-down level: agrees with the adjusted p
+    detail = (f"{ci} {_pts(d.low)} to {_pts(d.high)}; McNemar {_p(p_adj)}, Holm-adjusted; "
+              f"{test.n:,} paired examples; F1 {_num(c['f1'].estimate)} ({ci} {_num(c['f1'].low)} to "
               f"{_num(c['f1'].high)})")
     if c["loss"] is not None:
-        detail += f", loss {_num(c['loss'].estimate)} (95% CI {_num(c['loss'].low)} to {_num(c['loss'].high)})"
+        detail += f", loss {_num(c['loss'].estimate)} ({ci} {_num(c['loss'].low)} to {_num(c['loss'].high)})"
     if p_adj < alpha and d.estimate != 0:
         win, lose = (a, b) if d.estimate > 0 else (b, a)
         return f"{win.name} beat {lose.name} by {_pts(abs(d.estimate))} points ({detail})"
@@ -94,16 +97,18 @@ def pick(done: pd.DataFrame, lv: list, numeric: bool, examples: dict):
     McNemar tests cannot tell from it (the same family as the findings)."""
     pooled = [_pooled(x, done, examples) for x in lv]
     pairs = comparisons(lv, numeric)
-    tests = []
-    for i, j in pairs:
-        m = pooled[i].merge(pooled[j], on=["_run", "example_id"], suffixes=("_a", "_b"))
-        m = m[m["correct_a"].notna() & m["correct_b"].notna()]
-        tests.append(stats.mcnemar(m["correct_a"].astype(bool).to_numpy(), m["correct_b"].astype(bool).to_numpy()).p)
+    tests = [_mcnemar(pooled[i], pooled[j]).p for i, j in pairs]
     best = lv[pairs[0][0]] if pairs else lv[0]
     adjusted = stats.holm(tests)
     tied = [lv[j] for (i, j), p in zip(pairs[:len(lv) - 1], adjusted) if p >= 0.05]
     cheapest = min([best, *tied], key=lambda x: x.params)
     return cheapest if cheapest.params < CHEAPER * best.params else best
+
+
+def _mcnemar(first: pd.DataFrame, second: pd.DataFrame) -> stats.McNemar:
+    m = first.merge(second, on=["_run", "example_id"], suffixes=("_a", "_b"))
+    m = m[m["correct_a"].notna() & m["correct_b"].notna()]
+    return stats.mcnemar(m["correct_a"].astype(bool).to_numpy(), m["correct_b"].astype(bool).to_numpy())
 
 
 CHEAPER = 0.95  # "cheaper" means 5% fewer trainable parameters at least: a budget sweep's rounding is not a saving
@@ -116,7 +121,9 @@ def paired_lines(done: pd.DataFrame, lv: list, name: str | None, numeric: bool, 
         lv = [replace(x, name=f"{name}={x.name}") for x in lv]
     pooled = [_pooled(x, done, examples) for x in lv]
     pairs = comparisons(lv, numeric)
-    results = [compare(pooled[i], pooled[j]) for i, j in pairs]
+    tests = [_mcnemar(pooled[i], pooled[j]).p for i, j in pairs]
+    levels = stats.holm_levels(tests)
+    results = [compare(pooled[i], pooled[j], level=lv) for (i, j), lv in zip(pairs, levels)]
     adjusted = stats.holm([r["test"].p for r in results])
     best = lv[pairs[0][0]] if pairs else lv[0]
     n_best = len(lv) - 1
@@ -141,7 +148,9 @@ def paired_lines(done: pd.DataFrame, lv: list, name: str | None, numeric: bool, 
                  "against the most accurate" + (", plus adjacent steps" if numeric and name else "")
                  + "); accuracy by an exact McNemar test on the discordant pairs, p-values Holm-adjusted over "
                  "these comparisons; intervals of differences (accuracy points, macro F1, eval loss) from a "
-                 "paired bootstrap over examples (2,000 resamples, percentile); accuracy intervals in the table "
+                 "paired bootstrap over examples (2,000 resamples, percentile), each at its Holm step-down level "
+                 "(the i-th smallest p of m at 1 - 0.05/(m - i)), so an interval excludes 0 about when the "
+                 "adjusted p is below 0.05; accuracy intervals in the table "
                  "are Wilson 95% intervals. Training noise between seeds is not in these tests: they ask whether "
                  "these trained models differ on these examples.")
     return lines

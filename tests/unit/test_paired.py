@@ -112,3 +112,5 @@ def test_holm_decides_when_each_comparison_alone_would_pass():
     assert text.count("not supported: target_modules=qkvo vs") == 2 and " beat " not in text
     assert text.count("McNemar p=0.06, Holm-adjusted; 100 paired examples") == 2
     assert "Statistics: 2 paired comparison(s)" in text and "adjacent steps" not in text
+    # intervals at Holm's step-down levels: the first of two at 97.5%, the second at 95%
+    assert text.count("points (97.5% CI") == 1 and text.count("points (95% CI") == 1
