@@ -188,7 +188,8 @@ def section(v: Verdict) -> list[str]:
     m = v.metric
     shown = f"{m} (%)" if m == "eval_accuracy" else m
     lines = ["", "## Confirmation across seeds", "",
-             f"The search's top {len(v.configs)} configurations, re-trained under more seeds (adapter "
+             f"The search's best configurations and its one-seed recommendation ({len(v.configs)} in all), "
+             "re-trained under more seeds (adapter "
              "initialisation, classifier head and data order change; the eval examples stay the same). "
              "These runs are kept apart from the search: they never steered its sampler or budgets.", "",
              f"| Configuration | Trial | Seeds | {shown} mean ± sd | Per seed | Trainable params | s/epoch |",

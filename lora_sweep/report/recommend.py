@@ -25,11 +25,12 @@ class Recommendation:
     confirmed: bool  # across seeds (a confirmation stage), not from one run
 
 
-def recommend(config: Config, study) -> Recommendation | None:
-    """The recommended configuration's search trial and why; None without a complete trial."""
+def recommend(config: Config, study, confirmed: bool = True) -> Recommendation | None:
+    """The recommended configuration's search trial and why; None without a complete trial.
+    confirmed=False: the search's own pick, the confirmation stage left out."""
     from lora_sweep.report.confirm import verdict
 
-    v = verdict(config, study)
+    v = verdict(config, study) if confirmed else None
     if v is not None and v.complete:
         chosen = v.recommended
         how = (f"the confirmation stage's winner over {len(chosen.values)} seeds" if v.winner is not None else

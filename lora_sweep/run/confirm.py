@@ -41,14 +41,15 @@ def run_confirm(config: Config, search: optuna.Study, tracker, parent: str, devi
         if stale:
             log.warning("Confirmation run(s) %s were left RUNNING by a worker that died; marked failed and "
                         "queued again", ", ".join(map(str, stale)))
-        n = confirm.plan(config, search, stage)
-    top = confirm.top_trials(config, search)
+        also = _recommended(config, search)
+        n = confirm.plan(config, search, stage, also)
+    top = confirm.top_trials(config, search, also)
     seeds = confirm.seeds(config)
     if n == 0:
         log.info("Confirmation of %d configuration(s) under seeds %s: nothing left to run", len(top),
                  ", ".join(map(str, seeds)))
         return 0
-    log.info("Confirmation: the top %d configuration(s) (%s) re-trained under seeds %s (seed %d is the "
+    log.info("Confirmation: %d configuration(s) (%s) re-trained under seeds %s (seed %d is the "
              "search's own run): %d run(s) queued", len(top), "; ".join(
                  f"trial {t.number}: {t.user_attrs.get('label', t.params)}" for t in top),
              ", ".join(map(str, seeds[1:])), seeds[0], n)
@@ -61,3 +62,12 @@ def run_confirm(config: Config, search: optuna.Study, tracker, parent: str, devi
         except QueueEmpty:
             pass
     return n
+
+
+def _recommended(config: Config, search: optuna.Study) -> tuple:
+    """The search's one-seed recommendation (report/recommend.py, before any confirmation): confirmed too,
+    so that the cheap configuration the search could not tell from the best is tested over seeds."""
+    from lora_sweep.report.recommend import recommend
+
+    chosen = recommend(config, search, confirmed=False)
+    return () if chosen is None else (chosen.trial.number,)

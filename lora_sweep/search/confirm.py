@@ -1,7 +1,8 @@
 """The confirmation stage's plan: which configurations, which seeds, in which companion study.
 
-study.confirm = {top_k: K, seeds: S} re-trains the K best configurations of a finished search
-until each has S seeds (the search's own run, at train.seed, is the first). The runs live in a
+study.confirm = {top_k: K, seeds: S} re-trains the K best configurations of a finished search, and
+the one it recommends on one seed where that is another (often a cheaper one the search could not
+tell from the best), until each has S seeds (the search's own run, at train.seed, is the first). The runs live in a
 companion Optuna study on the same storage (`<name>.confirm`), so they never feed the search's
 sampler, its budgets, its grid resume or its best trial. Each run is a queued (WAITING) trial
 whose params are the search trial's plus `train.seed`: any number of workers pop them, and a
@@ -48,9 +49,10 @@ def key(params: dict) -> str:
     return json.dumps({k: v for k, v in sorted(params.items()) if k != SEED}, default=str)
 
 
-def top_trials(config: Config, study: optuna.Study) -> list:
+def top_trials(config: Config, study: optuna.Study, also: tuple = ()) -> list:
     """The search's best complete trials, one per configuration, best first (ties: fewer
-    trainable parameters, then the earlier trial); at most study.confirm.top_k of them."""
+    trainable parameters, then the earlier trial); at most study.confirm.top_k of them, then the
+    trials numbered in `also` (the search's own recommendation) where not among them already."""
     sign = 1 if config.study.direction == "maximize" else -1
     ranked = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
@@ -65,7 +67,8 @@ def top_trials(config: Config, study: optuna.Study) -> list:
         if key(t.params) not in seen:
             seen.add(key(t.params))
             out.append(t)
-    return out[:config.study.confirm_top_k]
+    out = out[:config.study.confirm_top_k]
+    return out + [study.trials[n] for n in also if key(study.trials[n].params) not in {key(t.params) for t in out}]
 
 
 def stage_config(config: Config) -> Config:
@@ -98,7 +101,7 @@ def load_stage(search: optuna.Study):
         return None
 
 
-def plan(config: Config, search: optuna.Study, stage: optuna.Study) -> int:
+def plan(config: Config, search: optuna.Study, stage: optuna.Study, also: tuple = ()) -> int:
     """Queue every (configuration, seed) run that is neither done nor queued or running (failed
     runs are queued again); returns how many runs wait. Call it under storage.study_lock."""
     def held(states):
@@ -107,7 +110,7 @@ def plan(config: Config, search: optuna.Study, stage: optuna.Study) -> int:
                 for t in stage.get_trials(deepcopy=False, states=states)}
 
     have = held(DONE) | held(PENDING)
-    for t in top_trials(config, search):
+    for t in top_trials(config, search, also):
         for seed in seeds(config)[1:]:
             if (key(t.params), seed) not in have:
                 stage.enqueue_trial({**t.params, SEED: seed},

@@ -126,3 +126,15 @@ def test_a_killed_confirmation_resumes_without_repeating_a_finished_run(tmp_path
     winner = next(t for t in study.trials if t.params["train.learning_rate"] == 0.05)
     assert f"Winner: learning_rate=0.05 (trial #{winner.number})" in report
     assert f"(trial #{winner.number}): the confirmation stage's winner over 3 seeds" in report
+
+
+def test_the_search_s_own_pick_is_confirmed_beside_the_top_k(tiny_config):  # noqa: F811
+    config = tiny_config({"lora.r": "choice(2, 4, 8)"}, {"name": "c", "confirm": {"top_k": 2, "seeds": 3}})
+    study = optuna.create_study(direction="maximize")
+    dist = {"lora.r": optuna.distributions.CategoricalDistribution([2, 4, 8])}
+    for r, acc in ((2, 0.85), (4, 0.88), (8, 0.87)):
+        study.add_trial(optuna.trial.create_trial(params={"lora.r": r}, distributions=dist, value=acc, user_attrs={
+            "eval_accuracy": acc, "trainable_params": 1000 * r}))
+    assert [t.params["lora.r"] for t in confirm.top_trials(config, study)] == [4, 8]
+    assert [t.params["lora.r"] for t in confirm.top_trials(config, study, also=(0,))] == [4, 8, 2]
+    assert [t.params["lora.r"] for t in confirm.top_trials(config, study, also=(2,))] == [4, 8]  # already there
