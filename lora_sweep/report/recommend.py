@@ -109,7 +109,7 @@ def section(config: Config, study) -> list[str]:
     rec = TrialRecord.from_trial(r.trial)
     lines += ["", "## Recommendation", "",
               f"**{rec.label}** (trial #{r.trial.number}): {r.how}. `python -m lora_sweep export "
-              f"sweep={config.study.name}` writes its adapter, head and tokenizer and checks they load."]
+              f"sweep={config.study.name}` writes it (adapter, any trained head, tokenizer, model card) and checks that it loads."]
     if not r.confirmed:
         lines.append("One seed only: set study.confirm (e.g. `study.confirm={top_k: 3, seeds: 3}`) to re-train the "
                      "top configurations under more seeds before trusting a small difference.")

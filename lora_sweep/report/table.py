@@ -96,8 +96,9 @@ def _facts(config: Config, study: optuna.Study, df: pd.DataFrame) -> list[tuple[
     counts = df["status"].value_counts().to_dict() if len(df) else {}
     return [
         ("Model", f"`{meta.get('model', config.base.model.name_or_path)}`"),
-        ("Data", f"`{meta.get('data', config.base.data.name_or_path)}`, labels {meta.get('labels', '?')}, "
-                 f"{meta.get('train_size', '?')} train / {meta.get('eval_size', '?')} eval examples, "
+        ("Data", f"`{meta.get('data', config.base.data.name_or_path)}`, "
+                 + (f"labels {meta.get('labels', '?')}, " if meta.get("labels", "?") != [] else "")
+                 + f"{meta.get('train_size', '?')} train / {meta.get('eval_size', '?')} eval examples, "
                  f"max_length {meta.get('max_length', '?')}"),
         ("Task", meta.get("task_type", config.base.lora.task_type)),
         ("Device", meta.get("device", "?") + _precision_fact(study, df)),
