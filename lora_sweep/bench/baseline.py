@@ -18,7 +18,6 @@ import time
 def main(spec: dict) -> dict:
     t_start = time.perf_counter()
     import datasets
-    import pandas as pd
     from peft import LoraConfig, get_peft_model
     from transformers import (
         AutoModelForSequenceClassification,
@@ -32,7 +31,7 @@ def main(spec: dict) -> dict:
 
     datasets.disable_progress_bars()
     labels = spec["labels"]
-    df = pd.read_csv(spec["csv"], encoding=spec.get("encoding") or "utf-8")
+    df = read_table(spec["csv"], spec.get("encoding"))
     df = df[df[spec["label_column"]].isin(labels)]
     ds = datasets.Dataset.from_dict({"text": df[spec["text_column"]].astype(str).tolist(),
                                      "labels": [labels.index(v) for v in df[spec["label_column"]]]})
@@ -84,3 +83,15 @@ if __name__ == "__main__":
     logging.disable(logging.WARNING)
     result = main(json.loads(sys.argv[1]))
     print("BASELINE_RESULT " + json.dumps(result), flush=True)
+
+
+def read_table(path: str, encoding: str | None = None):
+    """The data file as pandas reads it, by its suffix, as the sweep reads csv/json/jsonl/parquet."""
+    import pandas as pd
+
+    suffix = path.rsplit(".", 1)[-1].lower()
+    if suffix == "parquet":
+        return pd.read_parquet(path)
+    if suffix in ("json", "jsonl"):
+        return pd.read_json(path, lines=suffix == "jsonl", encoding=encoding or "utf-8")
+    return pd.read_csv(path, encoding=encoding or "utf-8")

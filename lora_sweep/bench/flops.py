@@ -14,9 +14,10 @@ from lora_sweep.config import TrialSettings, resolve_path
 from lora_sweep.trial.environment import matmul_gflops
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 8, dtype: torch.dtype = torch.float32) -> float:
-    """This machine's dense matmul peak: an n x n x n torch.mm (see matmul_gflops)."""
-    return matmul_gflops(n, n, n, dtype, repeats)
+def matmul_peak_gflops(n: int = 2048, repeats: int = 8, dtype: torch.dtype = torch.float32,
+                       device: str = "cpu") -> float:
+    """The dense matmul peak of the device the sweep trains on: an n x n x n torch.mm (see matmul_gflops)."""
+    return matmul_gflops(n, n, n, dtype, repeats, device=device)
 
 
 def _model(settings: TrialSettings, num_labels: int, device: str):

@@ -178,6 +178,9 @@ def main(argv: list[str]) -> int:
         specs = {p.label: baseline_spec(p, config, str(work / "baseline")) for p in points}
         # The sweep's achieved FLOP/s is held against the peak of the precision it trains in.
         precision = "bf16" if config.base.train.mixed_precision == "bf16" else "fp32"
+        from lora_sweep.trial.models import resolve_device
+
+        device = resolve_device(config.base.train.device)  # the peak of the device the sweep trains on
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         # Shared VMs drift: one run here measured its matmul peak 28% lower after the baseline than
         # before the sweep. Half the baseline processes run before the sweep and half after, so a
@@ -185,8 +188,8 @@ def main(argv: list[str]) -> int:
         # at each hand-over, and the report says how far it moved.
         labels = list(specs)
         before, after = labels[: len(labels) // 2], labels[len(labels) // 2:]
-        peak = [matmul_peak_gflops(dtype=dtype)]
-        print(f"bench: {precision} matmul peak {peak[-1]:.1f} GFLOP/s; running (b) {len(before)} of "
+        peak = [matmul_peak_gflops(dtype=dtype, device=device)]
+        print(f"bench: {precision} matmul peak {peak[-1]:.1f} GFLOP/s on {device}; running (b) {len(before)} of "
               f"{len(points)} baseline processes, then (a) the sweep, then (b) the other {len(after)} ...", flush=True)
         baseline, schedule, start = {}, [], time.perf_counter()
 
@@ -198,14 +201,14 @@ def main(argv: list[str]) -> int:
                 print(f"bench: (b) {label}: {baseline[label][0]:.1f} s wall", flush=True)
 
         run_baselines(before)
-        peak.append(matmul_peak_gflops(dtype=dtype))
+        peak.append(matmul_peak_gflops(dtype=dtype, device=device))
         t0 = time.perf_counter() - start
         wall_a, trials, timings, decision = run_sweep(overrides, work)
         schedule.append({"run": "sweep", "start_s": t0, "end_s": time.perf_counter() - start})
         print(f"bench: (a) sweep: {wall_a:.1f} s wall", flush=True)
-        peak.append(matmul_peak_gflops(dtype=dtype))
+        peak.append(matmul_peak_gflops(dtype=dtype, device=device))
         run_baselines(after)
-        peak.append(matmul_peak_gflops(dtype=dtype))
+        peak.append(matmul_peak_gflops(dtype=dtype, device=device))
     wall_b = sum(w for w, _ in baseline.values())
 
     rows, flops_total, train_total = [], 0.0, 0.0

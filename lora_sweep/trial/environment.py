@@ -78,19 +78,24 @@ def git_commit() -> str:
         return "unknown"
 
 
-def matmul_gflops(m: int, k: int, n: int, dtype=None, repeats: int = 8) -> float:
-    """Best-of-`repeats` throughput of an (m x k) @ (k x n) torch.mm on this process's torch threads,
-    in GFLOP/s (after one warm-up call: thread pool, caches, packing buffers)."""
+def matmul_gflops(m: int, k: int, n: int, dtype=None, repeats: int = 8, device: str = "cpu") -> float:
+    """Best-of-`repeats` throughput of an (m x k) @ (k x n) torch.mm on `device` (the CPU: this process's
+    torch threads), in GFLOP/s, after one warm-up call (thread pool, caches, packing buffers; CUDA
+    context and kernels). On CUDA each timed product is bracketed by synchronize: launches are async."""
     import torch
 
     dtype = dtype or torch.float32
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(m, k, generator=gen).to(dtype)
-    b = torch.randn(k, n, generator=gen).to(dtype)
+    a = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(k, n, generator=gen).to(device=device, dtype=dtype)
+    cuda = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     torch.mm(a, b)
+    sync()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         torch.mm(a, b)
+        sync()
         best = min(best, time.perf_counter() - t0)
     return 2 * m * k * n / best / 1e9

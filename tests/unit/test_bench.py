@@ -99,3 +99,25 @@ def test_a_machine_whose_speed_moved_during_the_run_is_called_out():
     assert "peak moved" not in steady and "at the start, before the sweep, after it and at the end" in steady
     drifted = bench.render(stored_result(matmul_peak_each_gflops=[176.9, 170.0, 140.0, 127.9]))
     assert "The machine's peak moved 28% during the run" in drifted
+
+
+def test_the_baseline_reads_the_data_files_the_sweep_reads(tmp_path):
+    import pandas as pd
+
+    from lora_sweep.bench.baseline import read_table
+
+    frame = pd.DataFrame({"text": ["a, \"quoted\"\r\nline", "b"], "sentiment": ["negative", "positive"]})
+    paths = {"parquet": tmp_path / "d.parquet", "jsonl": tmp_path / "d.jsonl", "csv": tmp_path / "d.csv"}
+    frame.to_parquet(paths["parquet"])
+    frame.to_json(paths["jsonl"], orient="records", lines=True)
+    frame.to_csv(paths["csv"], index=False)
+    for path in paths.values():  # a parquet file read as csv failed on the GPU machine
+        assert read_table(str(path)).to_dict("list") == frame.to_dict("list")
+
+
+def test_the_matmul_peak_is_measured_on_the_device_named():
+    from lora_sweep.trial.environment import matmul_gflops
+
+    assert matmul_gflops(64, 64, 64, repeats=2, device="cpu") > 0
+    with pytest.raises((RuntimeError, AssertionError)):  # no CUDA here: asked for, it must not fall back to the CPU
+        matmul_gflops(64, 64, 64, repeats=2, device="cuda")
