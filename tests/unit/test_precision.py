@@ -44,3 +44,38 @@ def test_bf16_on_a_cpu_warns_once_exactly_where_it_measured_slower_than_fp32(cap
     if warnings:
         assert f"{1 / round(speedup, 2):.1f}x slower than fp32" in warnings[0]
         assert "train.mixed_precision=no" in warnings[0]
+
+
+def test_the_gpu_warm_up_step_changes_nothing_the_trial_trains_with():
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from lora_sweep.trial import train
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=32, num_labels=2))
+    model.train()
+    batch = {"input_ids": torch.randint(5, 50, (4, 7)), "attention_mask": torch.ones(4, 7, dtype=torch.long),
+             "labels": torch.tensor([0, 1, 0, 1])}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    train._WARM.discard("test-device")
+    assert train.warm_up(model, batch, "test-device") is True       # dropout drew masks, on a forked stream
+    assert train.warm_up(model, batch, "test-device") is False      # once per process and device
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_warm_up_batch_is_the_first_training_examples_collated():
+    import datasets
+    from transformers import DataCollatorWithPadding
+
+    from lora_sweep.trial import train
+    from lm_assets import tokenizer
+
+    ds = datasets.Dataset.from_dict({"input_ids": [[1, 5], [1, 6, 7], [1, 8]], "attention_mask": [[1, 1], [1, 1, 1], [1, 1]],
+                                     "labels": [0, 1, 0], "__source_index__": [0, 1, 2]})
+    batch = train.first_batch(ds, DataCollatorWithPadding(tokenizer()), 2)
+    assert set(batch) == {"input_ids", "attention_mask", "labels"} and tuple(batch["input_ids"].shape) == (2, 3)
