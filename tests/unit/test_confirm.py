@@ -74,6 +74,7 @@ def _sweep(tmp_path, model_dir, csv_path) -> subprocess.Popen:
                             stdout=open(tmp_path / "out.txt", "a"), stderr=subprocess.STDOUT)
 
 
+@pytest.mark.slow  # two sweep processes, one killed: about a minute; CI runs it, make test-fast skips it
 def test_a_killed_confirmation_resumes_without_repeating_a_finished_run(tmp_path, assets):  # noqa: F811
     storage = f"sqlite:///{tmp_path / 'sweeps' / 'conf' / 'study.db'}"
 
