@@ -46,11 +46,14 @@ def sweep_series(config: Config, study) -> dict[str, dict[int, float]]:
 
 def recommended_figures(config: Config, study) -> dict[str, float]:
     """The recommended trial (the report's pick) as single-value metrics."""
-    from lora_sweep.report.recommend import recommended_trial
+    from lora_sweep.report.confirm import verdict
+    from lora_sweep.report.recommend import recommend
 
-    chosen = recommended_trial(config, study)
-    if chosen is None:
+    v = verdict(config, study)
+    picked = recommend(config, study, v=v)
+    if picked is None:
         return {}
+    chosen = picked.trial
     rec = record.TrialRecord.from_trial(chosen)
     out = {"recommended/trial": float(chosen.number)}
     for name in dict.fromkeys((config.study.metric, "eval_accuracy", "trainable_params", "trainable_pct")):
@@ -60,9 +63,6 @@ def recommended_figures(config: Config, study) -> dict[str, float]:
             continue
         if not math.isnan(value):
             out[f"recommended/{name}"] = value
-    from lora_sweep.report.confirm import verdict
-
-    v = verdict(config, study)  # confirmed across seeds: the configuration's mean and sd over them
     mine = next((c for c in v.configs if c.trial == chosen.number), None) if v is not None and v.complete else None
     out["recommended/confirmed"] = float(mine is not None)
     if mine is not None:

@@ -25,12 +25,13 @@ class Recommendation:
     confirmed: bool  # across seeds (a confirmation stage), not from one run
 
 
-def recommend(config: Config, study, confirmed: bool = True) -> Recommendation | None:
+def recommend(config: Config, study, confirmed: bool = True, v=None) -> Recommendation | None:
     """The recommended configuration's search trial and why; None without a complete trial.
-    confirmed=False: the search's own pick, the confirmation stage left out."""
+    confirmed=False: the search's own pick, the confirmation stage left out; v: the confirmation's
+    verdict when the caller has it already (its bootstraps are the costly part)."""
     from lora_sweep.report.confirm import verdict
 
-    v = verdict(config, study) if confirmed else None
+    v = (v or verdict(config, study)) if confirmed else None
     if v is not None and v.complete:
         chosen = v.recommended
         how = (f"the confirmation stage's winner over {len(chosen.values)} seeds" if v.winner is not None else
@@ -46,18 +47,6 @@ def recommend(config: Config, study, confirmed: bool = True) -> Recommendation |
     return Recommendation(best, f"the best {config.study.metric} among complete trials, ties to fewer trainable "
                                 "parameters; no paired test backs it (those need per-example accuracy of a "
                                 "classifier or of labelled generation)", False)
-
-
-def recommended_trial(config: Config, study):
-    """The recommended FrozenTrial, or None."""
-    r = recommend(config, study)
-    return None if r is None else r.trial
-
-
-def rule(config: Config, study=None) -> str:
-    """How the recommendation was picked, in words."""
-    r = recommend(config, study) if study is not None else None
-    return r.how if r is not None else f"the best {config.study.metric} among complete trials"
 
 
 def best_trial(config: Config, study):
@@ -103,7 +92,7 @@ def section(config: Config, study) -> list[str]:
 
     v = verdict(config, study)
     lines = confirmation(v) if v is not None else []
-    r = recommend(config, study)
+    r = recommend(config, study, v=v)
     if r is None:
         return lines
     rec = TrialRecord.from_trial(r.trial)
