@@ -75,16 +75,6 @@ def main(spec: dict) -> dict:
             "process_seconds": time.perf_counter() - t_start}
 
 
-if __name__ == "__main__":
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)
-    result = main(json.loads(sys.argv[1]))
-    print("BASELINE_RESULT " + json.dumps(result), flush=True)
-
-
 def read_table(path: str, encoding: str | None = None):
     """The data file as pandas reads it, by its suffix, as the sweep reads csv/json/jsonl/parquet."""
     import pandas as pd
@@ -95,3 +85,14 @@ def read_table(path: str, encoding: str | None = None):
     if suffix in ("json", "jsonl"):
         return pd.read_json(path, lines=suffix == "jsonl", encoding=encoding or "utf-8")
     return pd.read_csv(path, encoding=encoding or "utf-8")
+
+
+if __name__ == "__main__":
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    result = main(json.loads(sys.argv[1]))
+    print("BASELINE_RESULT " + json.dumps(result), flush=True)
+
