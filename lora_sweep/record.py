@@ -11,16 +11,27 @@ have small accessors below, for the same reason.
 
 Per-example results are not user attributes (every worker reloads those): each complete trial
 writes one small parquet file beside the study, examples_path(study_dir, number), with the columns
-EXAMPLE_COLUMNS (write_examples / read_examples below).
+EXAMPLE_COLUMNS (write_examples / read_examples below); with data.test_size a second one for the
+held-out test split, examples_path(study_dir, number, split="test").
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import MISSING, dataclass, field, fields, replace
+from enum import Enum
 from pathlib import Path
 
 _NAN = float("nan")
+
+
+class Status(str, Enum):
+    """How a trial stands: the report's status column and its MLflow run's `status` tag."""
+    COMPLETE = "complete"
+    PRUNED = "pruned"          # stopped by the pruner, or an excluded point (never trained)
+    FAILED = "failed"
+    RUNNING = "running"
+    WAITING = "waiting"        # queued (a grid point, a confirmation run)
 
 
 @dataclass(frozen=True)
@@ -30,6 +41,7 @@ class TrialRecord:
 
     # who and where (written when the trial starts)
     label: str = ""                          # the point's label: "r=8", "qkvo, bias=all", ...
+    config: dict = field(default_factory=dict)  # the configuration: the searched values less NUISANCE ones
     excluded: str = ""                       # an `exclude` rule's message: the point was never trained
     warm_start: bool = False                 # enqueued by study.warm_start
     stage: str = ""                          # "confirm": a confirmation run (companion study), "" = the search
@@ -64,6 +76,13 @@ class TrialRecord:
     memory_kind: str = ""                             # what peak_memory_mb measures (lora_sweep.report)
     batch_shapes: dict = field(default_factory=dict)  # "BxL" -> training batches of that padded shape
     lora_params: int | None = None           # trainable LoRA weights alone (lora_A/B, DoRA magnitudes), no head
+    # the held-out test split (data.test_size): scored once after training; nothing that chooses reads these
+    test_accuracy: float | None = None       # share of correct test examples (labelled data)
+    test_f1: float | None = None             # their macro F1 over the labels (labelled data)
+    test_loss: float | None = None           # mean per-example test loss
+    test_exact_match: float | None = None    # instruction/chat data: share of generated test answers that match
+    test_n: int | None = None                # test examples scored for correctness (else: with a loss)
+    test_seconds: float | None = None        # scoring the test split after training (in no other time)
     # how it ended, when not complete
     error: str | None = None                 # a failed trial's reason
     memory_after_mb: float | None = None     # process RSS after a failed trial released its memory
@@ -103,6 +122,14 @@ class TrialRecord:
 
 
 _NAMES = tuple(f.name for f in fields(TrialRecord))
+# Searched values that are not part of a configuration's identity: its runs under several seeds are
+# one configuration (report/compare.py pairs them as seeds, never as separate configurations).
+NUISANCE = ("train.seed",)
+
+
+def configuration(params: dict) -> dict:
+    """A trial's configuration: its searched values (Optuna params) without the nuisance ones."""
+    return {k: v for k, v in params.items() if k not in NUISANCE}
 FIELDS = _NAMES  # the stored keys, in the record's order
 
 
@@ -176,6 +203,20 @@ def set_pareto_front(study, numbers) -> None:
     study.set_user_attr(_PARETO, [int(n) for n in numbers])
 
 
+_SETTINGS = "settings"
+
+
+def settings(study) -> dict:
+    """The sweep's own settings, stored once when its study was created: {"config": the resolved
+    configuration (plain data, URL passwords redacted), "overrides": [what the user typed]}; {} for a
+    study written before they were stored. export, report and ui rebuild their config from them."""
+    return dict(study.user_attrs.get(_SETTINGS) or {})
+
+
+def set_settings(study, value: dict) -> None:
+    study.set_user_attr(_SETTINGS, value)
+
+
 # -- per-example results -----------------------------------------------------------------------
 
 # example_id: the example's row number in the source data (before filtering and the split), the
@@ -188,10 +229,14 @@ def set_pareto_front(study, numbers) -> None:
 EXAMPLE_COLUMNS = ("example_id", "label", "prediction", "correct", "loss")
 
 
-def examples_path(study_dir, number: int, stage: str = "") -> Path:
+def examples_path(study_dir, number: int, stage: str = "", split: str = "eval") -> Path:
     """Where trial `number` of the study stored in `study_dir` keeps its per-example results
-    (stage="confirm": a confirmation run, numbered in the companion study)."""
-    return Path(study_dir, stage) / "examples" / f"trial-{int(number)}.parquet"
+    (stage="confirm": a confirmation run, numbered in the companion study; split="test": those of
+    the held-out test split, data.test_size)."""
+    if split not in ("eval", "test"):
+        raise ValueError(f"split={split!r}: per-example results are stored for 'eval' or 'test'")
+    folder = "examples" if split == "eval" else "examples-test"
+    return Path(study_dir, stage) / folder / f"trial-{int(number)}.parquet"
 
 
 def write_examples(path, frame) -> Path:

@@ -83,8 +83,8 @@ def baseline_spec(point, config, output_dir: str) -> dict:
         "encoding": s.data.encoding, "text_column": s.data.text_column, "label_column": s.data.label_column,
         "labels": labels, "train_size": s.data.train_size, "eval_size": s.data.eval_size,
         "data_seed": s.data.seed, "max_length": s.data.max_length, "seed": s.train.seed,
-        "r": s.lora.r, "lora_alpha": s.lora.effective_alpha, "lora_dropout": s.lora.lora_dropout,
-        "bias": s.lora.bias, "target_modules": list(resolve_targets(s.lora.target_modules, base.model).modules),
+        **{k: v for k, v in s.lora.peft_kwargs().items() if k in ("r", "lora_alpha", "lora_dropout", "bias")},
+        "target_modules": list(resolve_targets(s.lora.target_modules, base.model).modules),
         "learning_rate": s.train.learning_rate, "weight_decay": s.train.weight_decay,
         # the rest of what lora_sweep.trial.train gives TrainingArguments: a bench with train.warmup_steps=0.1
         # must train both sides with it

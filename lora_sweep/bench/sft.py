@@ -196,9 +196,7 @@ def load_model(settings):
 def lora_config(settings):
     from peft import LoraConfig
 
-    lora = settings.lora
-    return LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout, target_modules=TARGETS,
-                      bias=lora.bias, task_type="CAUSAL_LM")
+    return LoraConfig(**{**settings.lora.peft_kwargs(), "task_type": "CAUSAL_LM"}, target_modules=TARGETS)
 
 
 def probe_assistant_only(settings) -> str:

@@ -52,6 +52,9 @@ class DataConfig:
     labels: tuple | None = None
     train_size: int = 2000
     eval_size: int = 500
+    # A held-out test split drawn from the rows outside train and eval (those stay as they were),
+    # scored once after training; nothing that chooses (sampler, pruner, confirmation) reads it.
+    test_size: int | None = None         # null: no test split
     max_length: int = 128
     seed: int = 0
     # CAUSAL_LM / SEQ_2_SEQ_LM on labelled data: the model reads the prompt and writes the label.
@@ -80,6 +83,9 @@ class DataConfig:
             _positive_int(f"data.{name}", getattr(self, name))
         if self.generate_size is not None:
             _positive_int("data.generate_size", self.generate_size)
+        _require(self.test_size is None or (isinstance(self.test_size, int) and not isinstance(self.test_size, bool)
+                                            and self.test_size > 0),
+                 "data.test_size", self.test_size, "null (no test split) or an integer > 0")
         _require(isinstance(self.prompt, str) and "{text}" in self.prompt, "data.prompt", self.prompt,
                  "a template that contains {text}, e.g. 'Sentiment of: {text} ->'")
         _require(self.label_column is None or (isinstance(self.label_column, str) and self.label_column),
@@ -119,6 +125,13 @@ class LoraSettings:
     def scale(self) -> float:
         """The factor peft multiplies the adapter's update by (lora_scale)."""
         return lora_scale(self.r, self.effective_alpha, self.use_rslora)
+
+    def peft_kwargs(self) -> dict:
+        """peft.LoraConfig's keyword arguments, target_modules aside (resolved per model): the one place
+        these settings become peft's names (adapters, MLflow params, the benchmarks)."""
+        return {"r": self.r, "lora_alpha": self.effective_alpha, "lora_dropout": self.lora_dropout,
+                "bias": self.bias, "use_rslora": self.use_rslora, "use_dora": self.use_dora,
+                "init_lora_weights": self.init_lora_weights, "task_type": self.task_type}
 
     def validate(self) -> None:
         _positive_int("lora.r", self.r)
@@ -310,6 +323,11 @@ class Config:
     ui: UiConfig = UiConfig()
     conditions: Mapping[str, Mapping] = dataclasses.field(default_factory=dict)  # path -> {when/requires}
     exclude: Mapping[str, Mapping] = dataclasses.field(default_factory=dict)     # name -> {when, message}
+    # The resolved mapping this config was built from (plain data: what a sweep stores with its study),
+    # and the overrides the user typed (Hydra's task overrides; empty when built otherwise). Neither is
+    # part of the configuration's identity: two spellings of one configuration are equal.
+    raw: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
+    overrides: tuple[str, ...] = dataclasses.field(default=(), compare=False, hash=False)
 
     @property
     def study_dir(self) -> Path:

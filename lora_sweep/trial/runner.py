@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -21,11 +21,50 @@ RESULT_KEYS = ("eval_accuracy", "eval_loss", "eval_f1", "train_loss", "trainable
 # the examples_* counts on instruction/chat data only (lora_sweep/trial/chat.py).
 LM_RESULT_KEYS = ("eval_perplexity", "examples_kept", "examples_prompt_truncated", "examples_dropped",
                   "eval_exact_match", "eval_chrf")  # the last two: generated answers on instruction/chat data
+# The held-out test split's figures (data.test_size; TrialResult.test_metrics), each where it applies:
+# test_accuracy and test_f1 on labelled data, test_exact_match on instruction/chat data (as eval_*).
+TEST_KEYS = ("test_accuracy", "test_f1", "test_loss", "test_exact_match", "test_n", "test_seconds")
+
+
+@dataclass(frozen=True)
+class Figures:
+    """What a complete trial measured, one field per result field of lora_sweep.record.TrialRecord (the
+    objective records it whole); None where the task does not measure it (perplexity of a classifier)."""
+    eval_accuracy: float | None = None
+    eval_loss: float | None = None
+    eval_f1: float | None = None
+    eval_perplexity: float | None = None
+    eval_exact_match: float | None = None
+    eval_chrf: float | None = None
+    train_loss: float | None = None
+    trainable_params: int | None = None
+    total_params: int | None = None
+    trainable_pct: float | None = None
+    lora_params: int | None = None
+    peak_memory_mb: float | None = None
+    epoch_time_s: float | None = None
+    adapter_size_mb: float | None = None
+    train_seconds: float | None = None
+    eval_seconds: float | None = None
+    examples_kept: int | None = None
+    examples_prompt_truncated: int | None = None
+    examples_dropped: int | None = None
+    test_accuracy: float | None = None
+    test_f1: float | None = None
+    test_loss: float | None = None
+    test_exact_match: float | None = None
+    test_n: int | None = None
+    test_seconds: float | None = None
+
+    def stored(self, keys: tuple | None = None) -> dict:
+        """The figures that apply (not None), optionally only `keys`."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if getattr(self, f.name) is not None and (keys is None or f.name in keys)}
 
 
 @dataclass
 class TrialResult:
-    metrics: dict = field(default_factory=dict)      # RESULT_KEYS
+    figures: Figures = field(default_factory=Figures)
     epochs: list[dict] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)   # the epoch or optimizer step of each evaluation
     target_modules: tuple = ()
@@ -34,6 +73,19 @@ class TrialResult:
     batch_shapes: dict = field(default_factory=dict)
     examples: object = None   # pandas DataFrame, lora_sweep.record.EXAMPLE_COLUMNS: the final evaluation per example
     samples: object = None    # pandas DataFrame (prompt, reference, output): a few generations, instruction/chat data
+    # data.test_size: the held-out test split per example (EXAMPLE_COLUMNS), scored once after training
+    # (its figures: the test_* fields of `figures`); None without a test split.
+    test_examples: object = None
+
+    @property
+    def metrics(self) -> dict:
+        """The eval and cost figures (RESULT_KEYS, LM_RESULT_KEYS) that apply."""
+        return self.figures.stored(RESULT_KEYS + LM_RESULT_KEYS)
+
+    @property
+    def test_metrics(self) -> dict:
+        """The held-out test split's figures (TEST_KEYS); {} without a test split."""
+        return self.figures.stored(TEST_KEYS)
 
 
 def run_trial(settings: TrialSettings, device: str, on_epoch: Callable[[int, dict], None],
@@ -58,12 +110,10 @@ def run_trial(settings: TrialSettings, device: str, on_epoch: Callable[[int, dic
             t0 = time.perf_counter()
             outcome = train(peft_model, base.tokenizer, splits.train, splits.eval, settings.train, device,
                             on_epoch, task=task, generate=splits.generate, labels=splits.labels,
-                            eval_ids=splits.eval_ids, generate_every=generate_every(settings, splits.format))
+                            eval_ids=splits.eval_ids, generate_every=generate_every(settings, splits.format),
+                            test_set=splits.test, test_ids=splits.test_ids, test_generate=splits.test_generate)
             wall = time.perf_counter() - t0
-        result = TrialResult(epochs=outcome.epochs, steps=outcome.steps, target_modules=targets.names,
-                             memory_kind=memory.kind, batch_shapes=outcome.batch_shapes, examples=outcome.examples,
-                             samples=getattr(task, "last_samples", None))
-        result.metrics = {
+        values = {
             **outcome.final,
             "train_loss": outcome.train_loss,
             "trainable_params": trainable,
@@ -72,23 +122,63 @@ def run_trial(settings: TrialSettings, device: str, on_epoch: Callable[[int, dic
             "trainable_pct": 100.0 * trainable / total,
             "peak_memory_mb": memory.peak_mb,
             "epoch_time_s": outcome.epoch_time_s,
-            "train_seconds": wall - outcome.eval_seconds,
+            "train_seconds": wall - outcome.eval_seconds - outcome.test_seconds,
             "eval_seconds": outcome.eval_seconds,
         }
-        for count in ("kept", "prompt_truncated", "dropped"):  # train + eval, after data.max_length
+        for count in ("kept", "prompt_truncated", "dropped"):  # train + eval (not test), after data.max_length
             if splits.length_counts:
-                result.metrics[f"examples_{count}"] = sum(c[count] for c in splits.length_counts.values())
+                values[f"examples_{count}"] = sum(splits.length_counts[k][count] for k in ("train", "eval"))
+        if outcome.test_examples is not None:
+            values.update(held_out_figures(outcome.test_examples, splits.format, splits.labels, outcome.test_seconds))
+        saved = None
         if adapter_dir is not None:
             peft_model.save_pretrained(adapter_dir)
             weights = next(adapter_dir.glob("adapter_model.*"))
-            result.metrics["adapter_size_mb"] = weights.stat().st_size / 2**20
-            result.adapter_dir = adapter_dir
+            values["adapter_size_mb"] = weights.stat().st_size / 2**20
+            saved = adapter_dir
+        result = TrialResult(figures=Figures(**values), epochs=outcome.epochs, steps=outcome.steps,
+                             target_modules=targets.names, memory_kind=memory.kind, adapter_dir=saved,
+                             batch_shapes=outcome.batch_shapes, examples=outcome.examples,
+                             samples=getattr(task, "last_samples", None), test_examples=outcome.test_examples)
         return result
     finally:
         del model, peft_model
         if settings.model.load_in_4bit:
             del base
         release_memory()
+
+
+def held_out_figures(frame, shape: str, labels: tuple, seconds: float) -> dict:
+    """The test split's figures from its per-example frame (EXAMPLE_COLUMNS): test_accuracy (labelled
+    data) or test_exact_match (instruction/chat data), the mean of `correct` where it is not null (where
+    any is); test_f1, macro F1 over the task's labels on those rows (labelled data); test_loss, the mean
+    per-example loss over the finite ones; test_n, the rows scored for correctness, else those with a
+    loss; test_seconds."""
+    import numpy as np
+    import pandas as pd
+
+    from lora_sweep.config.names import CHAT_FORMATS
+
+    correct = pd.Series(frame["correct"], dtype="boolean")
+    scored = correct.notna().to_numpy()
+    losses = pd.Series(frame["loss"], dtype="float64").to_numpy(na_value=np.nan)
+    finite = np.isfinite(losses)
+    out = {"test_loss": float(losses[finite].mean()) if finite.any() else float("nan")}
+    if scored.any():
+        share = float(correct[scored].astype(bool).mean())
+        if shape in CHAT_FORMATS:
+            out["test_exact_match"] = share
+        else:
+            from sklearn.metrics import f1_score
+
+            out["test_accuracy"] = share
+            gold = pd.Series(frame["label"], dtype="string")[scored].tolist()
+            predicted = pd.Series(frame["prediction"], dtype="string")[scored].tolist()
+            out["test_f1"] = float(f1_score(gold, predicted, labels=[str(label) for label in labels],
+                                            average="macro", zero_division=0))
+    out["test_n"] = int(scored.sum()) if scored.any() else int(finite.sum())
+    out["test_seconds"] = float(seconds)
+    return out
 
 
 def target_names(settings: TrialSettings) -> tuple:

@@ -14,7 +14,9 @@ the model class, how examples become tokens, how batches are padded, and what is
 After training, example_outcomes gives the final evaluation one row per eval example
 (lora_sweep.record.EXAMPLE_COLUMNS): SEQ_CLS reads them off the last evaluation's logits; the
 language-model tasks take the last generated answers and compute each example's loss in one more
-pass over the eval set (counted as evaluation time).
+pass over the eval set (counted as evaluation time). test_outcomes gives the held-out test split
+(data.test_size) the same rows, scored once after training: SEQ_CLS by one prediction pass, the
+language-model tasks by generating answers to its first data.generate_size prompts, then the losses.
 """
 
 from __future__ import annotations
@@ -83,19 +85,36 @@ class Task:
         """The final evaluation per example (a DataFrame of lora_sweep.record.EXAMPLE_COLUMNS, None
         without ids). Labelled: prediction = the generated answer, correct = exact match, for the
         generated examples (the first data.generate_size); plain text has a loss only."""
-        import pandas as pd
-
         if eval_ids is None:
             return None
-        frame = pd.DataFrame({"example_id": list(eval_ids), "loss": example_losses(trainer, eval_set, self.shifted)})
-        frame["label"] = frame["prediction"] = frame["correct"] = None
-        if generate is not None and self.last_answers is not None:
-            gold = [str(labels[i]) for i in generate["labels"]]
-            answers = pd.DataFrame({"example_id": generate["example_ids"], "label": gold,
-                                    "prediction": self.last_answers,
-                                    "correct": [p == g for p, g in zip(self.last_answers, gold)]})
-            frame = frame.drop(columns=["label", "prediction", "correct"]).merge(answers, on="example_id", how="left")
-        return frame
+        answers = self.last_answers if generate is not None else None
+        return self.outcomes(trainer, eval_set, eval_ids, generate, answers, labels)
+
+    def test_outcomes(self, trainer, test_set, test_ids, test_generate, labels: tuple, tokenizer, batch_size: int):
+        """The held-out test split per example (EXAMPLE_COLUMNS, as example_outcomes gives for eval),
+        scored once by the final model: answers generated for test_generate's prompts (None: none),
+        then every example's loss. Leaves last_answers (the eval answers) as they were."""
+        if test_ids is None:
+            return None
+        answers = (self.generate_answers(trainer.model, tokenizer, test_generate, batch_size)
+                   if test_generate is not None else None)
+        return self.outcomes(trainer, test_set, test_ids, test_generate, answers, labels)
+
+    def outcomes(self, trainer, dataset, ids, generate, answers, labels: tuple):
+        """Per example of `dataset` (ids in its order): its loss, and where `answers` (to generate's
+        prompts) were generated, the reference, the answer and whether they match."""
+        references = self.references(generate, labels) if generate is not None and answers is not None else []
+        done = list(generate["example_ids"]) if references else []
+        return outcome_frame(ids, example_losses(trainer, dataset, self.shifted), dict(zip(done, references)),
+                             dict(zip(done, answers or [])), self.matches)
+
+    def references(self, generate: dict, labels: tuple) -> list[str]:
+        """What a generated answer is compared with: the label's name."""
+        return [str(labels[i]) for i in generate["labels"]]
+
+    @staticmethod
+    def matches(answer: str, reference: str) -> bool:
+        return answer == reference
 
     shifted = True  # decoder-only: token t predicts label t + 1
 
@@ -157,25 +176,56 @@ class SequenceClassification(Task):
 
     def example_outcomes(self, trainer, eval_set, eval_ids, generate, labels: tuple):
         """The last evaluation's logits per example: the predicted label, correctness, cross-entropy."""
-        import numpy as np
-        import pandas as pd
-
         if eval_ids is None or self.last_eval is None:
             return None
-        logits, gold = self.last_eval
-        logits = np.asarray(logits[0] if isinstance(logits, tuple) else logits, dtype=np.float64)
-        gold = np.asarray(gold).astype(int)
-        top = logits.max(-1, keepdims=True)
-        log_probs = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
-        predicted = logits.argmax(-1)
-        names = [str(label) for label in labels]
-        return pd.DataFrame({"example_id": list(eval_ids), "label": [names[i] for i in gold],
-                             "prediction": [names[i] for i in predicted], "correct": predicted == gold,
-                             "loss": -log_probs[np.arange(len(gold)), gold]})
+        return logit_frame(*self.last_eval, eval_ids, labels)
+
+    def test_outcomes(self, trainer, test_set, test_ids, test_generate, labels: tuple, tokenizer, batch_size: int):
+        """The test split per example, from one prediction pass of the final model (the Trainer's eval
+        batches, in test_set's order). Its compute_metrics overwrites last_eval: call this after
+        example_outcomes."""
+        if test_ids is None:
+            return None
+        out = trainer.predict(test_set)
+        return logit_frame(out.predictions, out.label_ids, test_ids, labels)
 
     def epoch_metrics(self, trainer_metrics: dict, model, tokenizer, generate, batch_size: int,
                       labels: tuple) -> dict:
         return {k: float(v) for k, v in trainer_metrics.items() if k in ("eval_accuracy", "eval_loss", "eval_f1")}
+
+
+def logit_frame(logits, gold, ids, labels: tuple):
+    """A classifier's per-example rows (EXAMPLE_COLUMNS) from its logits and the gold label ids, in
+    the order of `ids`: the predicted label, correctness, cross-entropy."""
+    import numpy as np
+    import pandas as pd
+
+    logits = np.asarray(logits[0] if isinstance(logits, tuple) else logits, dtype=np.float64)
+    gold = np.asarray(gold).astype(int)
+    top = logits.max(-1, keepdims=True)
+    log_probs = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    predicted = logits.argmax(-1)
+    names = [str(label) for label in labels]
+    return pd.DataFrame({"example_id": list(ids), "label": [names[i] for i in gold],
+                         "prediction": [names[i] for i in predicted], "correct": predicted == gold,
+                         "loss": -log_probs[np.arange(len(gold)), gold]})
+
+
+def outcome_frame(ids, losses: list, references: dict, answers: dict, matches):
+    """A language model's per-example rows (EXAMPLE_COLUMNS), in the order of `ids`: label = the
+    reference and prediction = the answer where one was generated (`answers`: example id -> answer),
+    correct = matches(answer, reference) there and null (NA) everywhere else. Correctness is computed
+    here from the python values, before pandas sees them: a None put in a pandas 3 string column reads
+    back as NaN, which a `p is None` test misses and whose text "nan" matches another NaN's."""
+    import pandas as pd
+
+    ids = list(ids)
+    correct = [matches(answers[i], references[i]) if i in answers else None for i in ids]
+    return pd.DataFrame({"example_id": ids,
+                         "label": pd.array([references.get(i) for i in ids], dtype="string"),
+                         "prediction": pd.array([answers.get(i) for i in ids], dtype="string"),
+                         "correct": pd.array(correct, dtype="boolean"),
+                         "loss": pd.array(losses, dtype="float64")})
 
 
 class CausalLM(Task):

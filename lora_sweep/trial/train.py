@@ -51,6 +51,10 @@ class TrainResult:
     # and padding statistics (lora_sweep.bench).
     batch_shapes: dict[str, int] = field(default_factory=dict)
     examples: object = None  # the final evaluation per example (Task.example_outcomes), None without ids
+    # The held-out test split per example (Task.test_outcomes), scored once after training; None without
+    # one. Its seconds count in neither the epochs' times nor eval_seconds, and nothing is reported on it.
+    test_examples: object = None
+    test_seconds: float = 0.0
 
     @property
     def epoch_time_s(self) -> float:
@@ -234,10 +238,13 @@ def precision_name(settings: TrainConfig, device: str) -> str:
 
 def train(model, tokenizer, train_set, eval_set, settings: TrainConfig, device: str,
           on_epoch: Callable[[int, dict], None], task: Task | None = None, generate: dict | None = None,
-          labels: tuple = (), eval_ids: list | None = None, generate_every: bool = True) -> TrainResult:
+          labels: tuple = (), eval_ids: list | None = None, generate_every: bool = True,
+          test_set=None, test_ids: list | None = None, test_generate: dict | None = None) -> TrainResult:
     """`generate`/`labels`: the eval prompts whose answers a language-model task generates (Splits.generate),
     at every evaluation or (generate_every=False) the final one only;
-    `eval_ids`: the eval examples' ids in eval_set's order (Splits.eval_ids), for per-example results."""
+    `eval_ids`: the eval examples' ids in eval_set's order (Splits.eval_ids), for per-example results;
+    `test_set`/`test_ids`/`test_generate`: the held-out test split (Splits.test, test_ids, test_generate),
+    scored once after training into result.test_examples, never reported to on_epoch."""
     task = task or SequenceClassification(None)
     result = TrainResult()
     callback = _TrialCallback(result, on_epoch, task, tokenizer, generate, labels,
@@ -293,4 +300,9 @@ def train(model, tokenizer, train_set, eval_set, settings: TrainConfig, device: 
         t0 = time.perf_counter()
         result.examples = task.example_outcomes(trainer, eval_set, eval_ids, generate, labels)
         result.eval_seconds += time.perf_counter() - t0
+        if test_set is not None and len(test_set):  # after the eval rows: a classifier's last_eval is overwritten
+            t0 = time.perf_counter()
+            result.test_examples = task.test_outcomes(trainer, test_set, test_ids, test_generate, labels, tokenizer,
+                                                      settings.per_device_eval_batch_size)
+            result.test_seconds = time.perf_counter() - t0
     return result

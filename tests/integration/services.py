@@ -20,7 +20,7 @@ PG_ADMIN = dict(host="127.0.0.1", port=5432, user="postgres", dbname="test")
 # The server trusts loopback connections, so any password works: it stands for a real secret
 # that must never reach MLflow, logs or reports.
 SECRET = "s3cret-Pa55word"
-TINY = ["data.train_size=32", "data.eval_size=16", "train.num_train_epochs=1", "data.max_length=32"]
+TINY = ["data.train_size=32", "data.eval_size=16", "data.test_size=16", "train.num_train_epochs=1", "data.max_length=32"]
 
 
 def _admin(sql: str) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-TINY = ["data.train_size=64", "data.eval_size=32", "train.num_train_epochs=2"]
+TINY = ["data.train_size=64", "data.eval_size=32", "data.test_size=32", "train.num_train_epochs=2"]
 
 
 def lora_sweep(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:

@@ -46,7 +46,7 @@ def sweep(tmp_path_factory):
     """A real two-trial rank sweep at tiny sizes; its MLflow store is what the UI will show."""
     _need_browser()
     root = tmp_path_factory.mktemp("ui")
-    cmd = [sys.executable, "-m", "lora_sweep", "+sweep=rank", 'space.lora.r="choice(4,8)"', "data.train_size=32",
+    cmd = [sys.executable, "-m", "lora_sweep", "+sweep=rank", 'space.lora.r="choice(4,8)"', "data.train_size=32", "data.test_size=32",
            "data.eval_size=32", "train.num_train_epochs=1", f"paths.sweeps_dir={root / 'sweeps'}",
            f"paths.reports_dir={root / 'reports'}"]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900)

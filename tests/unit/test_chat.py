@@ -187,6 +187,31 @@ def test_dropped_examples_leave_eval_ids_and_generation_prompts_aligned(tmp_path
         assert ids[:-2] == tok(rows[i]["prompt"])["input_ids"]
 
 
+def test_a_chat_test_split_is_drawn_outside_train_and_eval_and_encoded_as_eval_is(tmp_path):
+    """data.test_size on instruction data: seeded rows outside train/eval (those unchanged), dropped
+    examples counted apart, ids and generation prompts aligned as for eval."""
+    from dataclasses import replace
+
+    tok = lm_assets.chat_tokenizer()
+    rows = lm_assets.instruction_rows(20)
+    for i in range(0, 20, 3):
+        rows[i]["completion"] = " positive" * 12  # an answer over max_length alone: dropped
+    config = DataConfig(name_or_path=str(lm_assets.write_jsonl(tmp_path / "p.jsonl", rows)), train_size=6,
+                        eval_size=6, test_size=6, max_length=12, generate_size=2)
+    raw, without = data.load_splits(config), data.load_splits(replace(config, test_size=None))
+    assert raw.eval_ids == without.eval_ids and raw.train.to_dict() == without.train.to_dict()
+    train_ids = {rows.index(r) for r in raw.train.to_list()}
+    assert len(set(raw.test_ids)) == 6 and not set(raw.test_ids) & (set(raw.eval_ids) | train_ids)
+    out = data.tokenized(config, tok, "tok", ChatLM(config, "prompt_completion"))
+    kept = sorted(i for i in raw.test_ids if i % 3)
+    assert sorted(out.test_ids) == kept and len(out.test) == len(kept) >= 2
+    assert out.length_counts["test"] == {"kept": len(kept), "prompt_truncated": 0, "dropped": 6 - len(kept)}
+    assert out.test_generate["example_ids"] == [i for i in raw.test_ids if i % 3][:2]  # the first 2 kept
+    assert out.test_generate["references"] == [rows[i]["completion"] for i in out.test_generate["example_ids"]]
+    for i, ids in zip(out.test_ids, out.test["input_ids"]):  # each id's tokens are that row's prompt
+        assert ids[:-2] == tok(rows[i]["prompt"])["input_ids"]
+
+
 def test_the_sweep_refuses_bad_chat_data_before_training(raw_config, llama, tmp_path):
     from lora_sweep.run.sweep import preflight
     from lora_sweep.search.space import SearchSpace
@@ -208,3 +233,30 @@ def test_the_sweep_refuses_bad_chat_data_before_training(raw_config, llama, tmp_
     config = from_mapping(raw)
     with pytest.raises(ConfigError, match="lora.task_type='SEQ_CLS'.*messages data.*CAUSAL_LM only"):
         preflight(config, SearchSpace(config))
+
+
+def test_examples_never_generated_have_no_correctness(monkeypatch):
+    """Catches the pandas 3 bug: a None answer put into a frame column reads back NaN, so a `p is None`
+    check misses it and exact_match(NaN, NaN) compares "nan" with "nan": every example beyond
+    data.generate_size was stored correct=True. Eval (example_outcomes) and test (test_outcomes) alike."""
+    from lora_sweep.trial import tasks
+
+    losses = lambda trainer, dataset, shifted: [0.1, 0.2, 0.3, 0.4]  # noqa: E731
+    monkeypatch.setattr(tasks, "example_losses", losses)
+    monkeypatch.setattr(chat, "example_losses", losses, raising=False)  # where the old code looked it up
+    task = ChatLM(_config(), "prompt_completion")
+    generate = {"example_ids": [5, 9], "references": [" positive", " positive"]}
+    task.last_answers = ["positive", "negative"]
+    frame = task.example_outcomes(None, None, [3, 5, 7, 9], generate, ())
+    assert list(frame.columns) == ["example_id", "label", "prediction", "correct", "loss"]
+    assert frame["correct"].isna().tolist() == [True, False, True, False]  # ids 3 and 7 were never generated
+    assert frame["correct"].dropna().tolist() == [True, False]
+    assert frame["prediction"].isna().tolist() == [True, False, True, False]
+
+    task.generate_answers = lambda model, tokenizer, generate, batch_size: ["negative", "positive"]
+    trainer = type("Trainer", (), {"model": None})()
+    test = task.test_outcomes(trainer, None, [9, 5, 7, 3], generate, (), None, 4)
+    assert test["correct"].isna().tolist() == [False, False, True, True]  # ids 9 and 5 generated, in frame order
+    assert test["correct"].dropna().tolist() == [True, False]
+    assert test["loss"].tolist() == [0.1, 0.2, 0.3, 0.4]
+    assert task.last_answers == ["positive", "negative"]  # the eval answers stay the eval's

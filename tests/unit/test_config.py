@@ -50,6 +50,8 @@ def test_command_line_overrides_reach_the_config(compose_cfg):
     ("data.train_size=0", "data.train_size=0", "an integer > 0"),
     ("lora.lora_alpha=0", "lora.lora_alpha=0", "a number > 0"),
     ("train.device=tpu", "train.device='tpu'", "auto, cpu, cuda"),
+    ("data.test_size=0", "data.test_size=0", "null (no test split) or an integer > 0"),
+    ("data.test_size=ten", "data.test_size='ten'", "null (no test split) or an integer > 0"),
 ])
 def test_bad_value_names_field_value_and_allowed(compose_cfg, override, shown, allowed):
     field = override.split("=")[0]
@@ -138,6 +140,12 @@ def test_rank_sweep_grid_ties_alpha_to_twice_r(compose_cfg):
     assert [(p.settings.lora.r, p.settings.lora.effective_alpha) for p in corners] == [
         (4, 8), (8, 16), (16, 32), (32, 64)]
     assert [p.label for p in corners] == ["r=4", "r=8", "r=16", "r=32"]
+
+
+def test_the_rank_sweeps_hold_out_a_test_split_and_the_default_does_not(compose_cfg):
+    assert from_dictconfig(compose_cfg()).base.data.test_size is None
+    for sweep in ("rank", "rank_confirmed"):
+        assert from_dictconfig(compose_cfg([f"+sweep={sweep}"])).base.data.test_size == 500
 
 
 def test_guide_sweep_variants_apply_their_overrides(compose_cfg):

@@ -81,7 +81,7 @@ def test_the_installed_package_sweeps_from_any_folder(installed, assets, tmp_pat
 
     proc = run([sys.executable, "-m", "lora_sweep", "+sweep=rank", "space.lora.r='choice(4)'",
                 f"model.name_or_path={model_dir}", f"data.name_or_path={csv_path}", "data.encoding=null",
-                "data.label_column=label", "data.labels=null", "data.train_size=16", "data.eval_size=8",
+                "data.label_column=label", "data.labels=null", "data.train_size=16", "data.eval_size=8", "data.test_size=8",
                 "data.max_length=16", "train.num_train_epochs=1", "train.device=cpu", "train.save_adapter=false",
                 "tracking.log_artifacts=false"], cwd, **env)
     out = proc.stdout + proc.stderr

@@ -18,13 +18,13 @@ import pytest
 
 from lora_sweep import record, report
 from lora_sweep.record import FIELDS, TrialRecord
-from lora_sweep.trial.runner import LM_RESULT_KEYS, RESULT_KEYS, TrialResult
+from lora_sweep.trial.runner import LM_RESULT_KEYS, RESULT_KEYS, TEST_KEYS, Figures, TrialResult
 
 ROOT = Path(__file__).resolve().parents[2]
 OLD_STUDY = ROOT / "tests" / "fixtures" / "old_study"
 
 # A complete trial's record with every field set to something other than its default.
-FULL = {"label": "r=8", "excluded": "rule: why", "warm_start": True, "stage": "confirm", "confirms": 3,
+FULL = {"label": "r=8", "config": {"lora.r": 8}, "excluded": "rule: why", "warm_start": True, "stage": "confirm", "confirms": 3,
         "device": "cpu", "precision": "bf16", "worker": "host:42",
         "memory_before_mb": 654.3, "params": {"r": 8, "target_modules": ["query", "value"]}, "lora_scale": 2.0,
         "mlflow_run_id": "abc123", "eval_accuracy": 0.875, "eval_loss": 0.31, "eval_f1": 0.86,
@@ -33,7 +33,8 @@ FULL = {"label": "r=8", "excluded": "rule: why", "warm_start": True, "stage": "c
         "trainable_pct": 0.4157, "peak_memory_mb": 60.3, "epoch_time_s": 2.25, "adapter_size_mb": 0.017,
         "train_seconds": 4.6, "eval_seconds": 1.04, "epochs": [{"eval_accuracy": 0.5}, {"eval_accuracy": 0.875}],
         "memory_kind": "cpu_peak_rss_above_trial_start_sampled", "batch_shapes": {"16x7": 5, "16x9": 3},
-        "lora_params": 4096,
+        "lora_params": 4096, "test_accuracy": 0.85, "test_f1": 0.84, "test_loss": 0.35, "test_exact_match": 0.5,
+        "test_n": 500, "test_seconds": 1.5,
         "error": "boom", "memory_after_mb": 655.1, "pruned_at_step": 4, "pruned_at_unit": "step",
         "pruned_at_epoch": 2, "examples_kept": 118, "examples_prompt_truncated": 3, "examples_dropped": 2}
 
@@ -41,6 +42,15 @@ FULL = {"label": "r=8", "excluded": "rule: why", "warm_start": True, "stage": "c
 def test_full_covers_every_field_and_the_runners_results():
     assert set(FULL) == set(FIELDS)
     assert set(RESULT_KEYS + LM_RESULT_KEYS) <= set(FIELDS)  # a new result must get a field (and a csv column)
+    assert set(TEST_KEYS) <= set(FIELDS)
+
+
+def test_test_split_examples_are_stored_apart_from_eval(tmp_path):
+    assert record.examples_path(tmp_path, 3) == tmp_path / "examples" / "trial-3.parquet"
+    assert record.examples_path(tmp_path, 3, split="test") == tmp_path / "examples-test" / "trial-3.parquet"
+    assert record.examples_path(tmp_path, 3, "confirm", "test") == tmp_path / "confirm" / "examples-test" / "trial-3.parquet"
+    with pytest.raises(ValueError, match="split='train'"):
+        record.examples_path(tmp_path, 3, split="train")
 
 
 def test_a_record_round_trips_and_reads_older_and_newer_attributes():
@@ -95,7 +105,8 @@ def test_the_objective_writes_the_record_readers_read(make_config, monkeypatch):
     monkeypatch.setattr(objective_module, "rss_mb", lambda: next(rss))
     monkeypatch.setattr(objective_module, "release_memory", lambda: None)
     figures = {k: float(i + 1) for i, k in enumerate(RESULT_KEYS)}
-    outcomes = iter([TrialResult(metrics=figures, epochs=[{"eval_accuracy": 1.0}], steps=[1],
+    outcomes = iter([TrialResult(figures=Figures(**figures, test_accuracy=0.5, test_n=7),
+                                 epochs=[{"eval_accuracy": 1.0}], steps=[1],
                                  memory_kind="cpu_peak_rss_above_trial_start_sampled", batch_shapes={"16x7": 5}),
                      RuntimeError("out of memory")])
 
@@ -119,12 +130,22 @@ def test_the_objective_writes_the_record_readers_read(make_config, monkeypatch):
     done, failed = (TrialRecord.from_trial(t) for t in study.trials)
     assert done.memory_before_mb == 111.0 and done.memory_after_mb is None
     assert {k: getattr(done, k) for k in RESULT_KEYS} == figures
+    assert (done.test_accuracy, done.test_n) == (0.5, 7)                 # the figures recorded whole
+    assert study.trials[0].value == figures["eval_accuracy"]            # the objective value: validation only
     assert (done.epochs, done.batch_shapes, done.memory_kind) == (
         [{"eval_accuracy": 1.0}], {"16x7": 5}, "cpu_peak_rss_above_trial_start_sampled")
     assert (done.device, done.worker, done.mlflow_run_id) == ("cpu", f"{socket.gethostname()}:{os.getpid()}", "run0")
     assert done.params["r"] == study.trials[0].params["lora.r"] and done.label == f"r={done.params['r']}"
     assert failed.memory_before_mb == 222.1 and failed.memory_after_mb == 333.0
     assert "out of memory" in failed.error and failed.eval_accuracy is None and failed.mlflow_run_id == "run1"
+
+
+def test_every_figure_a_trial_returns_is_a_record_field():
+    """The objective records a trial's Figures whole: each of its fields must be one of the record's."""
+    from dataclasses import fields
+
+    assert {f.name for f in fields(Figures)} <= set(FIELDS)
+    assert {f.name for f in fields(Figures)} == set(RESULT_KEYS + LM_RESULT_KEYS + TEST_KEYS)
 
 
 def test_study_attributes_have_one_accessor_each():

@@ -175,6 +175,32 @@ def test_plain_text_trial_reports_loss_and_perplexity_only(raw_config, assets, t
     assert back["correct"].isna().all() and back["loss"].tolist() == pytest.approx(ex.sort_values("example_id")["loss"].tolist())
 
 
+
+def test_causal_lm_test_split_generates_its_first_generate_size_answers_only(raw_config, assets):
+    """data.test_size with a language model: the test answers are generated once, after training, for
+    the first data.generate_size test examples; the others have a loss and no correctness."""
+    from lora_sweep.trial import data
+    from lora_sweep.trial.runner import TEST_KEYS
+
+    calls = []
+    s = settings_for(raw_config, assets["llama"], "CAUSAL_LM", assets["csv"], train_size=40, eval_size=20,
+                     test_size=30, generate_size=8, max_length=16)
+    s = s.with_overrides({"train.num_train_epochs": 1})
+    result = run_trial(s, "cpu", lambda epoch, metrics: calls.append(dict(metrics)))
+    test = result.test_examples
+    splits = data.load_splits(s.data)
+    assert len(test) == 30 and sorted(test["example_id"]) == sorted(splits.test_ids)
+    assert not set(test["example_id"]) & set(result.examples["example_id"])
+    generated = test[test["prediction"].notna()]
+    assert len(generated) == 8 and test["correct"].notna().sum() == 8  # null beyond data.generate_size
+    assert sorted(generated["example_id"]) == sorted(splits.test_ids[:8])  # the first 8 raw test rows
+    assert set(generated["label"]) <= {"negative", "positive"} and np.isfinite(test["loss"].astype(float)).all()
+    m = result.test_metrics
+    assert set(m) == set(TEST_KEYS) - {"test_exact_match"} and m["test_n"] == 8
+    assert m["test_accuracy"] == pytest.approx(generated["correct"].astype(bool).mean())
+    assert all(not k.startswith("test_") for c in calls for k in c)
+
+
 # -- models, presets, QLoRA -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("preset, names", [
