@@ -47,30 +47,47 @@ def main() -> None:
     _exit_now(0)
 
 
+_VERBS = ("report", "export", "ui")
+
+
 def normalise_argv(args: list[str]) -> list[str]:
     """`report` as a verb -> mode=report; `sweep=X` -> `+sweep=X` (the sweep group is optional, so
     Hydra wants the +; both spellings work); `sweep=A,B` -> `+sweep=A report.sweeps=[A,B]` (Hydra
-    would read a comma as a multirun; here it means one report over both)."""
+    would read a comma as a multirun; here it means one report over both). For the verbs that read a
+    stored sweep (report, export, ui), `sweep=X` where X is no sweep file (conf/sweep/X.yaml, or in a
+    --config-dir's sweep/) names the study: `study.name=X`; its stored settings supply the rest."""
+    values = {i for i, a in enumerate(args) if i and args[i - 1] in _HYDRA_VALUE_FLAGS}
+    verb = any(a in _VERBS or a in {f"mode={v}" for v in _VERBS} for i, a in enumerate(args) if i not in values)
     out = []
     for i, a in enumerate(args):
-        if i and args[i - 1] in _HYDRA_VALUE_FLAGS:  # `--config-dir report` names a folder, not the verb
+        if i in values:  # `--config-dir report` names a folder, not the verb
             out.append(a)
-        elif a == "report":
-            out.append("mode=report")
-        elif a == "export":
-            out.append("mode=export")
-        elif a == "ui":
-            out.append("mode=ui")
+        elif a in _VERBS:
+            out.append(f"mode={a}")
         elif a.startswith(("trial=", "dest=")) and "export" in args:  # export's own keys, unprefixed
             out.append(f"export.{a}")
         elif a.startswith(("sweep=", "+sweep=")):
             names = [n.strip() for n in a.split("=", 1)[1].split(",")]
-            out.append(f"+sweep={names[0]}")
+            if verb and len(names) == 1 and not _is_sweep_file(names[0], args):
+                out.append(f"study.name={names[0]}")
+            else:
+                out.append(f"+sweep={names[0]}")
             if len(names) > 1:
                 out.append(f"report.sweeps=[{','.join(names)}]")
         else:
             out.append(a)
     return out
+
+
+def _is_sweep_file(name: str, args: list[str]) -> bool:
+    """A sweep config file of that name in conf/sweep/ or in the sweep/ folder of a --config-dir."""
+    dirs = [CONF_DIR]
+    for i, a in enumerate(args):
+        if a in ("--config-dir", "-cd") and i + 1 < len(args):
+            dirs.append(Path(args[i + 1]))
+        elif a.startswith("--config-dir="):
+            dirs.append(Path(a.split("=", 1)[1]))
+    return any((Path(d) / "sweep" / f"{name}{ext}").is_file() for d in dirs for ext in (".yaml", ".yml"))
 
 
 # The warnings a sweep prints that a user can do nothing about, each by its message; any other
@@ -107,11 +124,13 @@ def quiet_third_party() -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines report each trial
 
 
-def run(cfg) -> int:
+def run(cfg, overrides: tuple[str, ...] = ()) -> int:
+    """cfg: the composed config; overrides: what the user typed (Hydra's task overrides), which export,
+    report and ui check against a sweep's stored settings (empty: nothing typed to check)."""
     from lora_sweep.config import ConfigError, from_dictconfig
 
     try:
-        config = from_dictconfig(cfg)  # before torch & co. load: a mistyped value fails in a second
+        config = from_dictconfig(cfg, overrides)  # before torch & co. load: a mistyped value fails in a second
         quiet_third_party()
         if config.mode == "report":
             return _report(config)
@@ -161,10 +180,10 @@ def _report(config) -> int:
         print(text)
         log.info("Wrote %s", path)
         return 0
-    from lora_sweep.search.study import load_study
+    from lora_sweep.search.study import load_stored
 
     report.check_exists(config)
-    study = load_study(config)
+    config, study = load_stored(config)  # the sweep's own settings, stored with its study
     path = report.write_report(config, study)
     report.publish(config, study, path)
     print(report.summary(config, study))
@@ -181,7 +200,9 @@ def _hydra_entry() -> None:
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
     def entry(cfg) -> None:
-        code = run(cfg)
+        from hydra.core.hydra_config import HydraConfig
+
+        code = run(cfg, tuple(HydraConfig.get().overrides.task))
         if code:
             sys.exit(code)
 

@@ -31,6 +31,7 @@ from lora_sweep.trial.train import precision_name
 from lora_sweep.report import pareto
 from lora_sweep.search import storage
 from lora_sweep.config import Config, ConfigError
+from lora_sweep.config.load import to_stored
 from lora_sweep.config.urls import RedactFilter, redact
 from lora_sweep.run.confirm import run_confirm
 from lora_sweep.run.objective import Objective
@@ -118,6 +119,8 @@ def _run(config: Config, space: SearchSpace, sampler: str, device: str, orphans:
     study = create_study(config, space)
     _log_to_file(config)
     with storage.study_lock(config):  # one worker at a time queues the grid and creates the parent run
+        if config.raw and not study.get_trials(deepcopy=False) and not record.settings(study):
+            record.set_settings(study, to_stored(config))  # a new study: once, for export, report and ui to read
         stale = fail_orphans(study) if orphans else fail_stale(study)
         if stale:
             log.warning("Trial(s) %s were left RUNNING by a worker that died; marked failed and queued again",
@@ -277,6 +280,7 @@ def _meta(config: Config, sampler: str, device: str) -> dict:
         "data": config.base.data.name_or_path,
         "train_size": config.base.data.train_size,
         "eval_size": config.base.data.eval_size,
+        "test_size": config.base.data.test_size,
         "max_length": config.base.data.max_length,
         "labels": list(data.load_splits(config.base.data).labels),
         "task_type": config.base.lora.task_type,

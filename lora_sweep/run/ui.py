@@ -22,12 +22,13 @@ HOST = "127.0.0.1"
 def parent_run(config: Config):
     """(tracker, parent run id) of a sweep that ran; a ConfigError naming the sweep otherwise."""
     from lora_sweep.report.table import check_exists
-    from lora_sweep.search.study import load_study
+    from lora_sweep.search.study import load_stored
     from lora_sweep.tracking import Tracker
 
     name = config.study.name
     check_exists(config)
-    parent = record.parent_run_id(load_study(config))
+    config, study = load_stored(config)  # the sweep's own settings (its experiment name), where stored
+    parent = record.parent_run_id(study)
     if parent is None:
         raise ConfigError(f"sweep={name}: no trial of this sweep has started, so it has no MLflow run; "
                           f"run it: python -m lora_sweep +sweep={name}")

@@ -4,11 +4,14 @@ enqueued first; a grid handed out as a queue of WAITING trials."""
 from __future__ import annotations
 
 import itertools
+import logging
 
 import optuna
 from optuna.trial import TrialState
 
 from lora_sweep.config import Config, ConfigError
+from lora_sweep import record
+from lora_sweep.config.load import from_stored
 from lora_sweep.record import TrialRecord, write_to_storage
 from lora_sweep.search.space import SearchSpace
 from lora_sweep.config.urls import redact
@@ -21,6 +24,7 @@ from lora_sweep.search.storage import open_storage
 RECOMMENDED = {"lora.r": 16, "lora.lora_alpha": 32, "lora.alpha_ratio": 2.0, "lora.target_modules": "qkvo",
                "lora.lora_dropout": 0.1, "lora.bias": "none"}
 DEFAULT_N_TRIALS = 20
+log = logging.getLogger("lora_sweep")
 # Trials in these states hold their grid point: a resumed grid skips them. Failed ones are retried.
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 PENDING = (TrialState.WAITING, TrialState.RUNNING)
@@ -238,3 +242,16 @@ def load_study(config: Config) -> optuna.Study:
         raise ConfigError(f"No stored study named {config.study.name!r} in {redact(config.storage_url)}. "
                           f"Run the sweep first (python -m lora_sweep +sweep={config.study.name}), "
                           f"or point study.storage at where it ran.") from None
+
+
+def load_stored(config: Config) -> tuple[Config, optuna.Study]:
+    """The stored study, and the config its sweep ran with (export, report, ui): the settings stored with
+    the study, under this command line's output options and locations; a typed value of anything the
+    trials computed from that differs is a ConfigError. A study stored before its settings were (no
+    stored settings): this config as it is."""
+    study = load_study(config)
+    rebuilt, ignored = from_stored(config, record.settings(study))
+    if ignored:
+        log.warning("Not applied (%s reads sweep %s's stored settings): %s", config.mode, config.study.name,
+                    ", ".join(ignored))
+    return rebuilt, study
