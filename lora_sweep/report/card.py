@@ -61,10 +61,15 @@ def _fmt(v) -> str:
 def render(meta: dict, rec, adapter_config: dict, study_meta: dict, n_eval: int, how: str) -> str:
     p = rec.params
     metric_rows = []
-    if rec.eval_accuracy is not None:
+    if rec.eval_accuracy is not None:  # n_eval: the examples the accuracy counts (generated ones, for an LM)
         k = round(rec.eval_accuracy * n_eval)
         lo, hi = wilson(k, n_eval)
         metric_rows.append(f"| eval accuracy | {100 * rec.eval_accuracy:.1f}% ({k}/{n_eval}); "
+                           f"95% Wilson interval {100 * lo:.1f}–{100 * hi:.1f}% |")
+    if rec.test_accuracy is not None and rec.test_n:  # data.test_size: never read while choosing
+        k = round(rec.test_accuracy * rec.test_n)
+        lo, hi = wilson(k, rec.test_n)
+        metric_rows.append(f"| held-out test accuracy | {100 * rec.test_accuracy:.1f}% ({k}/{rec.test_n}); "
                            f"95% Wilson interval {100 * lo:.1f}–{100 * hi:.1f}% |")
     for name in ("eval_f1", "eval_loss", "eval_perplexity", "train_loss"):
         if getattr(rec, name) is not None:
@@ -93,8 +98,10 @@ def render(meta: dict, rec, adapter_config: dict, study_meta: dict, n_eval: int,
         "## Data", "",
         f"- dataset: `{d['name_or_path']}` (text column `{d['text_column']}`, label column `{d['label_column']}`)",
         f"- labels: {json.dumps(list(meta['labels']))}",
-        f"- {d['train_size']} training / {n_eval} eval examples, stratified split with seed {d['seed']}, "
-        f"max_length {d['max_length']}", "",
+        f"- {d['train_size']} training / {d.get('eval_size', n_eval)} eval examples"
+        + (f" ({n_eval} of them generated and scored)" if d.get("eval_size", n_eval) != n_eval else "")
+        + (f" / {d['test_size']} held-out test examples" if d.get("test_size") else "")
+        + f", stratified split with seed {d['seed']}, max_length {d['max_length']}", "",
         "## Seeds", "",
         f"- data split: {d['seed']}; training (LoRA init, batch order, dropout): {p.get('seed')}; "
         f"study sampler: {meta.get('study_seed')}", "",

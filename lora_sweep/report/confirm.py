@@ -3,7 +3,9 @@
 Each confirmed configuration has its search run plus its confirmation runs, one per seed, all
 scored on the same eval examples. The configuration with the best mean study.metric over seeds is
 compared with each other one by a two-level paired bootstrap (stats.two_level_bootstrap: seeds
-resampled per configuration, examples resampled in pairs), Holm over those comparisons. It is the
+resampled per configuration, examples resampled in pairs) of the statistic study.metric ranks by
+(report/compare.py: correctness, per-example loss, macro F1 or summed chrF statistics), on the
+examples every run scored, Holm over those comparisons. It is the
 winner only when it beats every other beyond that noise; otherwise the recommendation is the
 cheapest configuration not distinguishable from it (fewest trainable parameters, then time).
 """
@@ -17,6 +19,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+import lora_sweep.report.compare as compare
 import lora_sweep.report.stats as stats
 from lora_sweep import record
 from lora_sweep.config import Config
@@ -38,6 +41,7 @@ class Confirmed:
     params: float               # trainable parameters
     seconds: float              # mean seconds per epoch over its runs
     examples: tuple = ()        # per-example results of each run (record.read_examples), same order
+    test_paths: tuple = ()      # where each run's held-out test results are (data.test_size), same order
 
     @property
     def mean(self) -> float:
@@ -89,32 +93,40 @@ def verdict(config: Config, study: optuna.Study) -> Verdict | None:
     for t in stage.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         rec = TrialRecord.from_trial(t)
         if rec.confirms is not None:
-            runs.setdefault(rec.confirms, []).append((t, rec, record.examples_path(config.study_dir, t.number,
-                                                                                    confirm.STAGE)))
+            runs.setdefault(rec.confirms, []).append((t, rec, *(
+                record.examples_path(config.study_dir, t.number, confirm.STAGE, split) for split in ("eval", "test"))))
     planned = _planned(stage)
     configs = []
     for number in sorted(planned):
         own = study.trials[number]
         rec = TrialRecord.from_trial(own)
-        members = [(own, rec, record.examples_path(config.study_dir, number))] + runs.get(number, [])
+        members = [(own, rec, *(record.examples_path(config.study_dir, number, split=split)
+                                for split in ("eval", "test")))] + runs.get(number, [])
         members = [m for m in members if m[0].state == TrialState.COMPLETE]
-        ex = tuple(record.read_examples(p) for _, _, p in members if p.exists())
+        ex = tuple(record.read_examples(p) for _, _, p, _ in members if p.exists())
+        tests = tuple(p for *_, p in members)
         configs.append(Confirmed(
-            trial=number, label=rec.label, seeds=tuple(_seed(r, t) for t, r, _ in members),
-            values=tuple(r.figure(metric) for _, r, _ in members), planned=planned[number],
+            trial=number, label=rec.label, seeds=tuple(_seed(r, t) for t, r, *_ in members),
+            values=tuple(r.figure(metric) for _, r, *_ in members), planned=planned[number],
             params=float(rec.trainable_params or math.inf),
-            seconds=float(np.nanmean([r.figure("epoch_time_s") for _, r, _ in members])),
-            examples=ex))
+            seconds=float(np.nanmean([r.figure("epoch_time_s") for _, r, *_ in members])),
+            examples=ex, test_paths=tests))
     if not configs:
         return None
     configs.sort(key=lambda c: (-sign * c.mean, c.params, c.trial))
     done = all(c.complete for c in configs) and len(configs) > 1
     if not done:
         return Verdict(metric, direction, configs, [], None, None, 0, False)
-    ids = sorted(set.intersection(*(set(e["example_id"]) for c in configs for e in c.examples)))
+    runs = [compare.Runs(c.seeds, c.examples) for c in configs]
+    ids = compare.shared_ids(metric, *runs)  # the examples every run scored (generated, for a language model)
+    if not ids:
+        raise compare.NoSharedExamples(f"the confirmed configurations share no example scored for {metric}")
+    classes = compare.classes_of(runs) if metric == "eval_f1" else None
+    stat = compare.statistic(metric, classes)
     best = configs[0]
-    diffs = [stats.two_level_bootstrap(_statistic(metric, best), _arrays(metric, best, ids),
-                                       _arrays(metric, c, ids), resamples=RESAMPLES) for c in configs[1:]]
+    diffs = [stats.two_level_bootstrap(stat, [compare.arrays(metric, e, ids) for e in best.examples],
+                                       [compare.arrays(metric, e, ids) for e in c.examples], resamples=RESAMPLES)
+             for c in configs[1:]]
     p_adj = stats.holm([d.p for d in diffs])
     levels = stats.holm_levels([d.p for d in diffs], 1 - ALPHA)
     comparisons = [Comparison(c, d, p, lv, *d.interval(lv)) for c, d, p, lv in zip(configs[1:], diffs, p_adj, levels)]
@@ -153,40 +165,55 @@ def _seed(rec: TrialRecord, trial) -> int | None:
     return trial.params.get(confirm.SEED, rec.params.get("seed"))
 
 
-def _statistic(metric: str, best: Confirmed):
-    if metric == "eval_f1":
-        classes = np.unique(np.concatenate([e["label"].astype(str).to_numpy() for e in best.examples]))
-        return lambda gold, pred: stats.macro_f1(gold, pred, classes)
-    return stats.mean
-
-
-def _arrays(metric: str, c: Confirmed, ids: list) -> list[tuple]:
-    out = []
-    for e in c.examples:
-        e = e.set_index("example_id").loc[ids]
-        if metric == "eval_f1":
-            out.append((e["label"].astype(str).to_numpy(), e["prediction"].astype(str).to_numpy()))
-        elif metric == "eval_loss":
-            out.append((e["loss"].to_numpy(float),))
-        else:
-            out.append((e["correct"].astype(float).to_numpy(),))
-    return out
+def test_lines(v: Verdict | None) -> list[str]:
+    """The confirmation's comparisons repeated on the held-out test split (same pairs, same family), and
+    the recommended configuration's selection optimism; [] without test results for every run."""
+    if v is None or not v.complete or not all(c.test_paths and all(p.exists() for p in c.test_paths)
+                                              for c in v.configs):
+        return []
+    m = v.metric
+    tests = [compare.Runs(c.seeds, tuple(record.read_examples(p) for p in c.test_paths)) for c in v.configs]
+    results = compare.family(m, tests, [(0, k) for k in range(1, len(tests))], resamples=RESAMPLES)
+    i = v.configs.index(v.recommended)
+    est, low, high, n_eval, n_test = compare.optimism(m, compare.Runs(v.recommended.seeds, v.recommended.examples),
+                                                      tests[i], resamples=RESAMPLES)
+    sign = 1 if v.direction == "maximize" else -1
+    lines = ["", f"The same comparisons on the held-out test split ({n_test:,} examples no run was chosen on; "
+                 "two-level bootstrap, Holm over the same family):", "",
+             f"| {v.best.label} vs | Validation | Test |", "|:--|--:|--:|"]
+    for c, r in zip(v.comparisons, results):
+        beyond = lambda p, d: "beyond noise" if p < ALPHA and sign * d > 0 else "not supported"  # noqa: E731
+        lines.append(f"| {c.other.label} | {_signed(m, c.diff.estimate)} (p {_p(c.p_adj)}, "
+                     f"{beyond(c.p_adj, c.diff.estimate)}) | {_signed(m, r.estimate)} (p {_p(r.p_adj)}, "
+                     f"{beyond(r.p_adj, r.estimate)}) |")
+    lines += ["", f"Selection optimism of the recommended {v.recommended.label} over its {len(v.recommended.seeds)} "
+                  f"seeds (validation minus test): {_signed(m, est)} {_unit(m)} (95% CI {_signed(m, low)} to "
+                  f"{_signed(m, high)}; {n_eval:,} validation and {n_test:,} test examples, resampled apart)."]
+    return lines
 
 
 # -- the report's section ------------------------------------------------------------------------
 
+def detectable(c: Comparison) -> float:
+    """The smallest |difference| this comparison would find with 80% power at its Holm level (normal
+    approximation from the bootstrap spread)."""
+    from scipy.stats import norm
+
+    return float((norm.ppf(1 - (1 - c.level) / 2) + norm.ppf(compare.POWER)) * np.std(c.diff.samples, ddof=1))
+
+
 def _fmt(metric: str, v: float) -> str:
-    return f"{100 * v:.1f}" if metric == "eval_accuracy" else f"{v:.3f}"
+    return f"{100 * v:.1f}" if metric in compare.CORRECTNESS else f"{v:.3f}"
 
 
 def _unit(metric: str) -> str:
-    return "points" if metric == "eval_accuracy" else ""
+    return "points" if metric in compare.CORRECTNESS else ""
 
 
 def section(v: Verdict) -> list[str]:
     """The markdown section: mean ± sd per configuration, the comparisons, the verdict."""
     m = v.metric
-    shown = f"{m} (%)" if m == "eval_accuracy" else m
+    shown = f"{m} (%)" if m in compare.CORRECTNESS else m
     lines = ["", "## Confirmation across seeds", "",
              f"The search's best configurations and its one-seed recommendation ({len(v.configs)} in all), "
              "re-trained under more seeds (adapter "
@@ -205,15 +232,16 @@ def section(v: Verdict) -> list[str]:
                             "again to finish them; until then the recommendation comes from the search alone."]
     best = v.best
     lines += ["", f"| {best.label} vs | Difference ({_unit(m) or m}) | Interval (Holm level) | p (Holm) | "
-                  "Beyond noise |", "|:--|--:|--:|--:|:--|"]
+                  "Beyond noise | Could detect (80% power) |", "|:--|--:|--:|--:|:--|--:|"]
     for c in v.comparisons:
         lines.append(f"| {c.other.label} | {_signed(m, c.diff.estimate)} | {_signed(m, c.low)} to "
                      f"{_signed(m, c.high)} ({100 * c.level:.1f}%) | {_p(c.p_adj)} | "
-                     f"{'yes' if c in _beaten(v) else 'no'} |")
+                     f"{'yes' if c in _beaten(v) else 'no'} | {_fmt(m, detectable(c))} |")
     lines += ["", "**" + conclusion(v) + "**", "",
               f"_Procedure: for each comparison, a two-level paired bootstrap ({RESAMPLES:,} resamples): each "
               "resample draws each configuration's seeds with replacement (training noise) and one set of the "
-              f"{v.n_examples:,} shared eval examples for both (sampling noise, paired); the difference of the "
+              f"{v.n_examples:,} eval examples every run scored, for both (sampling noise, paired), of "
+              f"{compare.STATISTIC.get(m, m)}; the difference of the "
               "means over seeds; two-sided bootstrap p-values, Holm-adjusted over the comparisons with the best; "
               "each interval at its Holm step-down level (percentile). With three seeds a configuration's "
               "seed-to-seed spread is estimated coarsely; more seeds (study.confirm.seeds) sharpen it._"]
@@ -244,7 +272,7 @@ def conclusion(v: Verdict) -> str:
 
 
 def _signed(metric: str, x: float) -> str:
-    s = f"{100 * x:+.1f}" if metric == "eval_accuracy" else f"{x:+.3f}"
+    s = f"{100 * x:+.1f}" if metric in compare.CORRECTNESS else f"{x:+.3f}"
     return s.replace("-", "−")
 
 

@@ -23,11 +23,12 @@ from lora_sweep import record
 from lora_sweep.config import Config, ConfigError
 from lora_sweep.config.urls import redact
 from lora_sweep.report.card import render
-from lora_sweep.report.recommend import recommend
+from lora_sweep.report.recommend import export_command, recommend  # noqa: F401  (export_command: re-exported)
 from lora_sweep.report.verify_export import META, predict
 
 log = logging.getLogger("lora_sweep")
-# TrialRecord.params names -> the settings they must match (a config composed otherwise than the sweep's)
+# TrialRecord.params names -> the settings they must match, for a study stored before its settings were
+# (its config is the command line's own, which may be composed otherwise than the sweep's)
 _CHECKED = {"model_name_or_path": "model.name_or_path", "dataset": "data.name_or_path", "train_size": "data.train_size",
             "eval_size": "data.eval_size", "max_length": "data.max_length", "seed": "train.seed", "r": "lora.r",
             "task_type": "lora.task_type", "load_in_4bit": "model.load_in_4bit"}
@@ -47,14 +48,15 @@ def export(config: Config) -> int:
 
 def _export(config: Config) -> int:
     from lora_sweep.report.table import check_exists
-    from lora_sweep.search.study import load_study
+    from lora_sweep.search.study import load_stored
 
     check_exists(config)
-    study = load_study(config)
+    config, study = load_stored(config)  # the sweep's own settings, where its study stored them
     trial, how = _pick(config, study)
     rec = record.TrialRecord.from_trial(trial)
     study_meta = record.meta(study)
-    settings = _settings(config, trial, rec, study_meta.get("command"))
+    settings = _settings(config, trial, rec, study_meta.get("command"),
+                         checked=not record.settings(study).get("config"))  # else the stored ones, as they ran
     if settings.model.load_in_4bit:
         import torch
 
@@ -121,15 +123,16 @@ def _pick(config: Config, study):
     return trial, f"chosen with trial={trial.number}"
 
 
-def _settings(config: Config, trial, rec, command: str | None):
-    """The trial's settings: this config's base with the trial's sampled values; must match what it recorded."""
+def _settings(config: Config, trial, rec, command: str | None, checked: bool = True):
+    """The trial's settings: this config's base with the trial's sampled values. checked (a study stored
+    before its settings were, so that this config is the command line's own): they must match what it recorded."""
     from lora_sweep.search.space import SearchSpace
 
     values = {k: tuple(json.loads(v)) if isinstance(v, str) and v.startswith("[") else v
               for k, v in trial.params.items()}
     settings = SearchSpace(config).point(values).settings
     flat = {f"{g}.{k}": v for g, part in dataclasses.asdict(settings).items() for k, v in part.items()}
-    for key, path in _CHECKED.items():
+    for key, path in _CHECKED.items() if checked else ():
         if key in rec.params and str(rec.params[key]) != str(flat[path]):
             raise ConfigError(f"{path}={flat[path]}: trial {trial.number} ran with {rec.params[key]}; export with "
                               f"the sweep's own overrides (it ran as: {command or 'unknown'}), "
@@ -161,8 +164,19 @@ def _write(config, trial, rec, settings, adapter: Path, work: Path, dest: Path, 
     (work / META).write_text(json.dumps(meta, indent=1, default=str))
     adapter_config = json.loads((work / "adapter_config.json").read_text())
     (work / "README.md").write_text(render(meta, rec, adapter_config, study_meta,
-                                           len(splits.eval), how))
+                                           _scored(config, trial, settings, len(splits.eval)), how))
     return meta
+
+
+def _scored(config, trial, settings, n_eval: int) -> int:
+    """The examples the trial's eval accuracy counts: its scored per-example rows (a language model scores
+    only the data.generate_size it generated), else the whole eval split for a classifier."""
+    path = record.examples_path(config.study_dir, trial.number)
+    if path.exists():
+        return int(record.read_examples(path)["correct"].notna().sum()) or n_eval
+    if settings.lora.task_type != "SEQ_CLS" and settings.data.generate_size:
+        return min(settings.data.generate_size, n_eval)
+    return n_eval
 
 
 def _reference(config, trial, settings, adapter: Path, meta: dict, tmp: Path) -> tuple[Path, str]:

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from lora_sweep.record import TrialRecord
+import lora_sweep.report.compare as compare
 import lora_sweep.report.paired as paired
+from lora_sweep.record import TrialRecord
 
 SEED = "param.train.seed"
 ACC, PCT = "eval_accuracy", "trainable_pct"
@@ -84,6 +85,8 @@ def noise(df: pd.DataFrame, eval_size: int | None) -> Noise | None:
         sd = math.sqrt(ss / dof)
         return Noise(sd, "seeds", f"pooled standard deviation {sd:.2f} points between repeated runs of "
                                   f"{n_repeated} configuration(s) ({dof + n_repeated} runs)")
+    if "eval_n" in done and done["eval_n"].notna().any():  # the examples each accuracy counts (scored ones)
+        eval_size = int(done["eval_n"].dropna().min())
     if not eval_size:
         return None
     p = float(done[ACC].mean())
@@ -102,6 +105,7 @@ class Level:
     params: float   # trainable parameters
     runs: int
     trials: tuple
+    value: float = float("nan")   # the mean of the study's metric over its runs (accuracy as a fraction)
 
     @property
     def ref(self) -> str:
@@ -117,25 +121,45 @@ def variant_label(label: str) -> str:
     return ", ".join(parts)
 
 
-def levels(done: pd.DataFrame, column: str | None) -> list[Level]:
-    """Configurations in table order; `column` groups by one parameter, None by the label."""
-    key = done[column].astype(str) if column else done["label"].astype(str)
+def config_keys(done: pd.DataFrame) -> pd.Series:
+    """Each row's configuration: its searched values without the nuisance ones (the seed), as text.
+    Runs of one configuration under several seeds share a key; the label text (which names the seed)
+    never decides it."""
+    if "config" in done and done["config"].notna().all():
+        return done["config"].astype(str)
+    cols = config_columns(done)
+    return pd.Series([compare.config_key({c: r[c] for c in cols if pd.notna(r[c])}) for _, r in done.iterrows()],
+                     index=done.index, dtype=str)
+
+
+def config_label(label: str) -> str:
+    """A run's label without its seed part ("r=4, lora_dropout=0.1, seed=2" -> "r=4, lora_dropout=0.1")."""
+    parts = [p for p in str(label).split(", ") if not re.match(r"^seed=", p)]
+    return ", ".join(parts) or "base"
+
+
+def levels(done: pd.DataFrame, column: str | None, metric: str = ACC) -> list[Level]:
+    """Configurations in table order; `column` groups by one parameter, None by the whole configuration."""
+    key = done[column].astype(str) if column else config_keys(done)
     out = []
     for name, g in done.groupby(key, sort=False):
         if column == "param.variant":  # the variant's label ("Query-Only"), not its key
             name = variant_label(str(g["label"].iloc[0]))
         elif column:
             name = _show(g[column].iloc[0])
+        else:
+            name = config_label(g["label"].iloc[0])
+        value = float(g[metric].astype(float).mean()) if metric in g else float("nan")
         out.append(Level(str(name), 100 * float(g[ACC].mean()),
                          float(g[PCT].mean()), float(g["trainable_params"].mean()), len(g),
-                         tuple(int(t) for t in g["trial"])))
+                         tuple(int(t) for t in g["trial"]), value))
     return out
 
 
 def sweep_findings(df: pd.DataFrame, eval_size: int | None, importances: dict | None = None,
-                   examples: dict | None = None) -> list[str]:
+                   examples: dict | None = None, metric: str = ACC, direction: str = "maximize") -> list[str]:
     """Findings for one sweep (one study); `examples`: trial number -> its per-example results
-    (lora_sweep.record.read_examples), which turn on the paired tests."""
+    (lora_sweep.record.read_examples), which turn on the paired tests of `metric`."""
     done = complete(df)
     if not len(done) and len(df) and "eval_exact_match" in df and df["eval_exact_match"].notna().any():
         return [CHAT_FINDING]
@@ -145,10 +169,11 @@ def sweep_findings(df: pd.DataFrame, eval_size: int | None, importances: dict | 
     column = vary[0] if len(vary) == 1 else None
     numeric = column is not None and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in done[column])
     warning = paired.scale_warning(done, levels(done, column), column, numeric)
-    if examples is not None and paired.has_examples(done, examples):
+    verdict = verdict_of(done, examples, metric, direction)
+    if verdict is not None:
         lines = [_varied_line(vary, importances)] if len(vary) > 1 else []
         name = column.removeprefix("param.").split(".")[-1] if column else None
-        lines += paired.paired_lines(done, levels(done, column), name, numeric, examples)
+        lines += paired.paired_lines(verdict, name, numeric)
         lines[-1:-1] = [x for x in (warning, _cost(done)) if x]
         return lines
     nz = noise(done, eval_size)
@@ -180,16 +205,24 @@ CHAT_FINDING = ("Instruction/chat data: compare Exact match, chrF and Perplexity
                 "(thousands of corpus_chrf calls per pair) and is not computed.")
 
 
-def paired_pick(df: pd.DataFrame, examples: dict | None) -> Level | None:
-    """The configuration the paired findings recommend (report/recommend.py turns it into a trial);
-    None without per-example results."""
-    done = complete(df)
-    if not len(done) or not examples or not paired.has_examples(done, examples):
+def verdict_of(done: pd.DataFrame, examples: dict | None, metric: str = ACC,
+               direction: str = "maximize") -> "paired.PairedVerdict | None":
+    """The paired verdict over the complete trials (None without per-example results of `metric`):
+    the one object the findings' sentences and the recommendation both read."""
+    done = complete(done)
+    if not len(done) or not examples or metric not in done or not paired.has_examples(done, examples, metric):
         return None
     vary = varied(done)
     column = vary[0] if len(vary) == 1 else None
     numeric = column is not None and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in done[column])
-    return paired.pick(done, levels(done, column), numeric, examples)
+    return paired.paired_verdict(done, levels(done, column, metric), numeric, examples, metric, direction)
+
+
+def paired_pick(df: pd.DataFrame, examples: dict | None, metric: str = ACC, direction: str = "maximize") -> Level | None:
+    """The configuration the paired findings recommend (report/recommend.py turns it into a trial);
+    None without per-example results."""
+    verdict = verdict_of(df, examples, metric, direction)
+    return None if verdict is None else verdict.pick
 
 
 def _varied_line(vary: list[str], importances: dict | None) -> str:

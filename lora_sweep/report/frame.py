@@ -12,10 +12,12 @@ from optuna.trial import TrialState
 
 from lora_sweep import record
 from lora_sweep.config.schema import lora_scale
+from lora_sweep.report.compare import config_key
 from lora_sweep.report.stats import wilson
 
-_STATUS = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
-           TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}
+_STATUS = {TrialState.COMPLETE: record.Status.COMPLETE.value, TrialState.PRUNED: record.Status.PRUNED.value,
+           TrialState.FAIL: record.Status.FAILED.value, TrialState.RUNNING: record.Status.RUNNING.value,
+           TrialState.WAITING: record.Status.WAITING.value}
 
 
 # A trial failed by Optuna's heartbeat check: its worker died before it could say why.
@@ -44,6 +46,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
                              if rec.pruned_at_step is not None else ""), "excluded": rec.excluded}
         row.update({k: fields[k] for k in _FIRST})
         row.update({k: v for k, v in fields.items() if k not in row and k not in _LAST})
+        row["config"] = config_key(record.configuration(t.params))  # the seed is not part of it
+        row["seed"] = t.params.get("train.seed", rec.params.get("seed"))
         row.update({f"param.{k}": v for k, v in t.params.items()})
         row["mlflow_run_id"] = rec.mlflow_run_id
         row["epochs"] = rec.epochs

@@ -68,11 +68,22 @@ def recommended_figures(config: Config, study) -> dict[str, float]:
     if mine is not None:
         out.update({f"recommended/{config.study.metric}_seed_mean": mine.mean,
                     f"recommended/{config.study.metric}_seed_sd": mine.sd, "recommended/seeds": float(len(mine.values))})
-    n = record.meta(study).get("eval_size")
+    n = scored_n(config, study, chosen.number)
     accuracy = out.get("recommended/eval_accuracy")
     if accuracy is not None and isinstance(n, int) and n > 0:
         out["recommended/eval_accuracy_ci_low"], out["recommended/eval_accuracy_ci_high"] = wilson(round(accuracy * n), n)
     return out
+
+
+def scored_n(config: Config, study, number: int) -> int | None:
+    """The examples trial `number`'s accuracy counts: its scored per-example rows (a language model
+    scores only the generated ones), else eval_size for a classifier, else unknown."""
+    path = record.examples_path(config.study_dir, number)
+    if path.exists():
+        return int(record.read_examples(path)["correct"].notna().sum()) or None
+    meta = record.meta(study)
+    n = meta.get("eval_size")
+    return n if meta.get("task_type", "SEQ_CLS") == "SEQ_CLS" and isinstance(n, int) else None
 
 
 def publish_view(config: Config, study, md: Path, tracker, parent: str, table=None) -> None:

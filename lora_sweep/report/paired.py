@@ -1,68 +1,121 @@
-"""Paired comparisons of configurations on the same eval examples (per-example results,
-lora_sweep.record.read_examples), and the effective-scale warning; sentences for findings.py.
+"""Paired comparisons of configurations on the same examples (per-example results,
+lora_sweep.record.read_examples) for the findings and the one-seed recommendation, and the
+effective-scale warning; sentences for findings.py. The statistics are report/compare.py's.
 
-Which comparisons: each configuration against the most accurate one, plus, in a one-knob numeric
-sweep, each adjacent step; Holm's adjustment runs over exactly that set. Accuracy: exact McNemar
-test (stats.mcnemar); the difference's interval is a paired bootstrap over examples (the same
-resampled examples for both sides, 2,000 resamples, percentile), as are those of macro F1 and
-mean eval loss, each at its Holm step-down level (stats.holm_levels), so that an interval and its
-adjusted p tell the same story. Runs of one configuration over several seeds are pooled, each example paired with
-the same example of the same seed.
+Which comparisons: each configuration against the best by study.metric, plus, in a one-knob numeric
+sweep, each adjacent step; Holm's adjustment runs over exactly that set, and the recommendation reads
+the same adjusted p-values as the sentences (one PairedVerdict serves both). A configuration is its
+searched values without the seed: its runs under several seeds are its seeds, never separate
+configurations. One run a side under one seed: exact McNemar on correctness (paired bootstrap for
+other metrics); anything else: the two-level bootstrap. With accuracy, each one-seed comparison also
+gets paired-bootstrap intervals of macro F1 and eval loss at its Holm level.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+import json
+import math
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
 
+import lora_sweep.report.compare as compare
 import lora_sweep.report.stats as stats
 
 SEED = "param.train.seed"
 _SCALE_KNOBS = ("param.lora.lora_alpha", "param.lora.alpha_ratio")  # knobs that are the scale itself
+CHEAPER = 0.95  # "cheaper" means 5% fewer trainable parameters at least: a budget sweep's rounding is not a saving
 
 
-def has_examples(done: pd.DataFrame, examples: dict) -> bool:
-    """Every complete trial has per-example correctness (plain-text language models have none)."""
+def has_examples(done: pd.DataFrame, examples: dict, metric: str = "eval_accuracy") -> bool:
+    """Every complete trial has per-example results that `metric` can be scored on."""
     return bool(len(done)) and all(
-        int(t) in examples and examples[int(t)]["correct"].notna().any() for t in done["trial"])
+        int(t) in examples and compare.scored(metric, examples[int(t)]).any() for t in done["trial"])
 
 
-def _pooled(level, done: pd.DataFrame, examples: dict) -> pd.DataFrame:
-    parts = []
-    for run, t in enumerate(level.trials):
-        row = done[done["trial"] == t].iloc[0]
-        seed = row[SEED] if SEED in done and pd.notna(row[SEED]) else run
-        parts.append(examples[t].assign(_run=str(seed)))
-    return pd.concat(parts, ignore_index=True)
+def seed_of(row) -> object:
+    """A trial's training seed: the searched one, else the one its params recorded (None if unknown)."""
+    for key in ("seed", SEED):
+        if key in row and row[key] is not None and not (isinstance(row[key], float) and math.isnan(row[key])):
+            return row[key]
+    params = row.get("params") if hasattr(row, "get") else None
+    if isinstance(params, str):
+        try:
+            params = json.loads(params)
+        except ValueError:
+            params = None
+    return params.get("seed") if isinstance(params, dict) else None
 
 
-def comparisons(lv: list, numeric: bool) -> list[tuple[int, int]]:
-    """(i, j) pairs of levels to compare: each against the best (best first), then adjacent steps."""
-    best = max(range(len(lv)), key=lambda i: (lv[i].acc, -lv[i].params))
+def runs_of(level, done: pd.DataFrame, examples: dict) -> compare.Runs:
+    """A level's runs, each under its own seed (never its position among the level's trials)."""
+    rows = [done[done["trial"] == t].iloc[0] for t in level.trials]
+    return compare.Runs(tuple(seed_of(r) for r in rows), tuple(examples[int(t)] for t in level.trials))
+
+
+def comparisons(lv: list, numeric: bool, sign: int = 1) -> list[tuple[int, int]]:
+    """(i, j) pairs of levels to compare: each against the best (best first), then adjacent steps.
+    The best: the best value (sign 1: highest), a tie to fewer trainable parameters."""
+    best = max(range(len(lv)), key=lambda i: (sign * _value(lv[i]), -lv[i].params))
     pairs = [(best, i) for i in range(len(lv)) if i != best]
     if numeric:  # a step next to the best is already one of those
         pairs += [(i + 1, i) for i in range(len(lv) - 1) if best not in (i, i + 1)]
     return pairs
 
 
-def compare(first: pd.DataFrame, second: pd.DataFrame, seed: int = 0, level: float = stats.LEVEL) -> dict:
-    """Accuracy (McNemar, paired bootstrap), macro F1 and loss (paired bootstrap) of first - second."""
-    m = first.merge(second, on=["_run", "example_id"], suffixes=("_a", "_b"))
-    m = m[m["correct_a"].notna() & m["correct_b"].notna()]
-    ca, cb = m["correct_a"].astype(bool).to_numpy(), m["correct_b"].astype(bool).to_numpy()
-    test = stats.mcnemar(ca, cb)
-    acc = stats.paired_bootstrap(stats.mean, (ca,), (cb,), seed=seed, level=level)
-    gold = m["label_a"].astype(str).to_numpy()
+def _value(level) -> float:
+    v = getattr(level, "value", None)
+    return level.acc if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+
+@dataclass(frozen=True)
+class PairedVerdict:
+    metric: str
+    direction: str
+    levels: list           # findings.Level, table order
+    pairs: list            # (i, j) compared
+    results: list          # compare.Comparison per pair (Holm over all of them)
+    best: object           # the best level by the metric
+    tied: list             # levels the best cannot be told from (Holm-adjusted p >= 0.05)
+    pick: object           # the cheapest of best + tied (5% fewer parameters at least), else the best
+    extras: list           # per pair: {"f1": Difference, "loss": Difference} (accuracy, one seed), else {}
+    runs: list             # compare.Runs per level
+
+    @property
+    def n_best(self) -> int:
+        return len(self.levels) - 1
+
+
+def paired_verdict(done: pd.DataFrame, lv: list, numeric: bool, examples: dict, metric: str = "eval_accuracy",
+                   direction: str = "maximize") -> PairedVerdict:
+    sign = 1 if direction == "maximize" else -1
+    runs = [runs_of(x, done, examples) for x in lv]
+    pairs = comparisons(lv, numeric, sign)
+    results = compare.family(metric, runs, pairs)
+    best = lv[pairs[0][0]] if pairs else lv[0]
+    tied = [lv[r.second] for r in results[:len(lv) - 1] if not (r.significant() and sign * r.estimate > 0)]
+    cheapest = min([best, *tied], key=lambda x: x.params)
+    pick = cheapest if cheapest.params < CHEAPER * best.params else best
+    extras = [_extras(runs[r.first], runs[r.second], r) if metric == "eval_accuracy" else {} for r in results]
+    return PairedVerdict(metric, direction, lv, pairs, results, best, tied, pick, extras, runs)
+
+
+def _extras(first: compare.Runs, second: compare.Runs, r: compare.Comparison) -> dict:
+    """Macro F1 and eval loss of a one-seed accuracy comparison, paired bootstrap at its Holm level."""
+    if r.method != "McNemar":
+        return {}
+    ids = compare.shared_ids("eval_accuracy", first, second)
+    a = first.frames[0].set_index("example_id").loc[ids]
+    b = second.frames[0].set_index("example_id").loc[ids]
+    gold = a["label"].astype(str).to_numpy()
     classes = np.unique(gold)
-    pa, pb = m["prediction_a"].astype(str).to_numpy(), m["prediction_b"].astype(str).to_numpy()
-    f1 = stats.paired_bootstrap(lambda g, p: stats.macro_f1(g, p, classes), (gold, pa), (gold, pb), seed=seed,
-                                level=level)
-    la, lb = m["loss_a"].to_numpy(float), m["loss_b"].to_numpy(float)
+    f1 = stats.paired_bootstrap(lambda g, p: stats.macro_f1(g, p, classes), (gold, a["prediction"].astype(str).to_numpy()),
+                                (gold, b["prediction"].astype(str).to_numpy()), level=r.level)
+    la, lb = a["loss"].to_numpy(float), b["loss"].to_numpy(float)
     ok = np.isfinite(la) & np.isfinite(lb)
-    loss = stats.paired_bootstrap(stats.mean, (la[ok],), (lb[ok],), seed=seed, level=level) if ok.any() else None
-    return {"test": test, "acc": acc, "f1": f1, "loss": loss, "level": level}
+    loss = stats.paired_bootstrap(stats.mean, (la[ok],), (lb[ok],), level=r.level) if ok.any() else None
+    return {"f1": f1, "loss": loss}
 
 
 def _pts(x: float) -> str:
@@ -77,82 +130,132 @@ def _p(p: float) -> str:
     return "p<0.001" if p < 0.001 else f"p={p:.3f}" if p < 0.01 else f"p={p:.2f}"
 
 
-def sentence(a, b, c: dict, p_adj: float, alpha: float = 0.05) -> str:
-    """One comparison, a against b: who beat whom, by how much, how sure."""
-    d, test = c["acc"], c["test"]
-    ci = f"{100 * c.get('level', stats.LEVEL):.4g}% CI"  # Holm's step-down level: agrees with the adjusted p
-    detail = (f"{ci} {_pts(d.low)} to {_pts(d.high)}; McNemar {_p(p_adj)}, Holm-adjusted; "
-              f"{test.n:,} paired examples; F1 {_num(c['f1'].estimate)} ({ci} {_num(c['f1'].low)} to "
-              f"{_num(c['f1'].high)})")
-    if c["loss"] is not None:
-        detail += f", loss {_num(c['loss'].estimate)} ({ci} {_num(c['loss'].low)} to {_num(c['loss'].high)})"
-    if p_adj < alpha and d.estimate != 0:
-        win, lose = (a, b) if d.estimate > 0 else (b, a)
-        return f"{win.name} beat {lose.name} by {_pts(abs(d.estimate))} points ({detail})"
-    return f"not supported: {a.name} vs {b.name}, {_pts(d.estimate)} points ({detail})"
+def amount(metric: str, x: float, signed: bool = False) -> str:
+    """A difference in the metric's units: accuracy points, chrF points, else the raw figure."""
+    if metric in compare.CORRECTNESS:
+        return (f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}").replace("-", "−") + " points"
+    if metric == "eval_chrf":
+        return (f"{x:+.1f}" if signed else f"{x:.1f}").replace("-", "−") + " chrF"
+    short = {"eval_loss": "eval loss", "eval_perplexity": "per-example mean loss", "eval_f1": "macro F1"}[metric]
+    return (f"{x:+.3f}" if signed else f"{x:.3f}").replace("-", "−") + f" {short}"
 
 
-def pick(done: pd.DataFrame, lv: list, numeric: bool, examples: dict):
-    """The level paired_lines recommends: the cheapest of the most accurate and those its Holm-adjusted
-    McNemar tests cannot tell from it (the same family as the findings)."""
-    pooled = [_pooled(x, done, examples) for x in lv]
-    pairs = comparisons(lv, numeric)
-    tests = [_mcnemar(pooled[i], pooled[j]).p for i, j in pairs]
-    best = lv[pairs[0][0]] if pairs else lv[0]
-    adjusted = stats.holm(tests)
-    tied = [lv[j] for (i, j), p in zip(pairs[:len(lv) - 1], adjusted) if p >= 0.05]
-    cheapest = min([best, *tied], key=lambda x: x.params)
-    return cheapest if cheapest.params < CHEAPER * best.params else best
+def _bound(metric: str, x: float) -> str:
+    return _pts(x) if metric in compare.CORRECTNESS else (f"{x:.1f}" if metric == "eval_chrf" else _num(x))
 
 
-def _mcnemar(first: pd.DataFrame, second: pd.DataFrame) -> stats.McNemar:
-    m = first.merge(second, on=["_run", "example_id"], suffixes=("_a", "_b"))
-    m = m[m["correct_a"].notna() & m["correct_b"].notna()]
-    return stats.mcnemar(m["correct_a"].astype(bool).to_numpy(), m["correct_b"].astype(bool).to_numpy())
+def detectable(metric: str, r: compare.Comparison) -> str:
+    return f"it could detect about {amount(metric, r.mde)} at 80% power"
 
 
-CHEAPER = 0.95  # "cheaper" means 5% fewer trainable parameters at least: a budget sweep's rounding is not a saving
+def sentence(a, b, r: compare.Comparison, metric: str = "eval_accuracy", extras: dict | None = None,
+             direction: str = "maximize") -> str:
+    """One comparison, a against b: who beat whom, by how much, how sure; if not, what it could have seen."""
+    ci = f"{100 * r.level:.4g}% CI"  # Holm's step-down level: agrees with the adjusted p
+    if r.method == "McNemar":
+        how = f"McNemar {_p(r.p_adj)}, Holm-adjusted; {r.n:,} paired examples"
+    elif r.method == "paired bootstrap":
+        how = f"paired bootstrap {_p(r.p_adj)}, Holm-adjusted; {r.n:,} paired examples"
+    else:
+        seeds = " vs ".join(", ".join(map(str, s)) for s in r.seeds)
+        how = (f"two-level bootstrap {_p(r.p_adj)}, Holm-adjusted; seeds {seeds} resampled, "
+               f"{r.n:,} shared examples")
+    detail = f"{ci} {_bound(metric, r.low)} to {_bound(metric, r.high)}; {how}"
+    extras = extras or {}
+    if extras.get("f1") is not None:
+        f1 = extras["f1"]
+        detail += f"; F1 {_num(f1.estimate)} ({ci} {_num(f1.low)} to {_num(f1.high)})"
+    if extras.get("loss") is not None:
+        loss = extras["loss"]
+        detail += f", loss {_num(loss.estimate)} ({ci} {_num(loss.low)} to {_num(loss.high)})"
+    sign = 1 if direction == "maximize" else -1
+    if r.significant() and r.estimate != 0:
+        win, lose = (a, b) if sign * r.estimate > 0 else (b, a)
+        return f"{win.name} beat {lose.name} by {amount(metric, abs(r.estimate))} ({detail})"
+    return (f"not supported: {a.name} vs {b.name}, {amount(metric, r.estimate, signed=metric not in compare.CORRECTNESS)}"
+            f" ({detail}; {detectable(metric, r)})")
 
 
-def paired_lines(done: pd.DataFrame, lv: list, name: str | None, numeric: bool, examples: dict) -> list[str]:
-    """Findings from paired tests over the levels `lv` (findings.levels order); `name`: the swept knob,
-    None when configurations are compared by label."""
-    if name:  # "r=8", not "8"
-        lv = [replace(x, name=f"{name}={x.name}") for x in lv]
-    pooled = [_pooled(x, done, examples) for x in lv]
-    pairs = comparisons(lv, numeric)
-    tests = [_mcnemar(pooled[i], pooled[j]).p for i, j in pairs]
-    levels = stats.holm_levels(tests)
-    results = [compare(pooled[i], pooled[j], level=lv) for (i, j), lv in zip(pairs, levels)]
-    adjusted = stats.holm([r["test"].p for r in results])
-    best = lv[pairs[0][0]] if pairs else lv[0]
-    n_best = len(lv) - 1
+def _shown(metric: str, level) -> str:
+    v = _value(level)
+    return f"{100 * v:.1f}%" if metric in compare.CORRECTNESS else f"{v:.1f}" if metric == "eval_chrf" else f"{v:.4g}"
+
+
+def paired_lines(v: PairedVerdict, name: str | None, numeric: bool, split: str = "eval") -> list[str]:
+    """Findings from a PairedVerdict; `name`: the swept knob, None when configurations are compared whole."""
+    m = v.metric
+    lv = [replace(x, name=f"{name}={x.name}") for x in v.levels] if name else list(v.levels)
+    rename = {id(old): new for old, new in zip(v.levels, lv)}
+    best, pick = rename[id(v.best)], rename[id(v.pick)]
+    tied = [rename[id(x)] for x in v.tied]
     lines = []
+    sentences = [sentence(lv[r.first], lv[r.second], r, m, e, v.direction) for r, e in zip(v.results, v.extras)]
     if numeric and name and len(lv) > 2:  # two levels: the one step is the comparison with the best
-        order = sorted(((min(i, j), k) for k, (i, j) in enumerate(pairs) if abs(i - j) == 1))
-        steps = [sentence(lv[pairs[k][0]], lv[pairs[k][1]], results[k], adjusted[k]) for _, k in order]
-        lines.append(f"Raising {name}, step by step, on the same eval examples: " + "; ".join(steps) + ".")
-    against = [sentence(best, lv[j], r, p) for (i, j), r, p in zip(pairs[:n_best], results, adjusted)]
-    head = f"Against the most accurate, {best.ref} at {best.acc:.1f}%: "
+        order = sorted((min(r.first, r.second), k) for k, r in enumerate(v.results) if abs(r.first - r.second) == 1)
+        lines.append(f"Raising {name}, step by step, on the same examples: " + "; ".join(sentences[k] for _, k in order)
+                     + ".")
+    what = "most accurate" if m == "eval_accuracy" else f"best by {m}"
+    head = f"Against the {what}, {best.ref} at {_shown(m, best)}: "
+    against = sentences[:v.n_best]
     lines.append(head + "; ".join(against) + "." if against else f"Only {best.ref} completed.")
-    tied = [lv[j] for (i, j), p in zip(pairs[:n_best], adjusted) if p >= 0.05]
-    text = f"Best configuration: {best.ref}, {best.acc:.1f}% accuracy with {best.pct:.2f}% of parameters trainable."
+    value = (f"{_shown(m, best)} accuracy" if m == "eval_accuracy" else f"{m} {_shown(m, best)}")
+    text = f"Best configuration: {best.ref}, {value} with {best.pct:.2f}% of parameters trainable."
     if tied:
-        cheapest = min([best, *tied], key=lambda x: x.params)
-        cheapest = cheapest if cheapest.params < CHEAPER * best.params else best
-        text += (f" Not distinguishable from it (Holm-adjusted McNemar p≥0.05): {', '.join(x.name for x in tied)}"
-                 + (f"; the cheapest of these is {cheapest.ref}, {cheapest.pct:.2f}% trainable."
-                    if cheapest is not best else "; none trains 5% fewer parameters or more."))
+        could = {r.second: r for r in v.results[:v.n_best]}
+        shown = ", ".join(f"{x.name} (could detect about {amount(m, could[v.levels.index(y)].mde)})"
+                          for x, y in zip(tied, v.tied))
+        text += (f" Not distinguishable from it (Holm-adjusted p≥0.05): {shown}"
+                 + (f"; the cheapest of these is {pick.ref}, {pick.pct:.2f}% trainable."
+                    if pick is not best else "; none trains 5% fewer parameters or more."))
     lines.append(text)
-    lines.append(f"Statistics: {len(pairs)} paired comparison(s) on the same eval examples (each configuration "
-                 "against the most accurate" + (", plus adjacent steps" if numeric and name else "")
-                 + "); accuracy by an exact McNemar test on the discordant pairs, p-values Holm-adjusted over "
-                 "these comparisons; intervals of differences (accuracy points, macro F1, eval loss) from a "
-                 "paired bootstrap over examples (2,000 resamples, percentile), each at its Holm step-down level "
-                 "(the i-th smallest p of m at 1 - 0.05/(m - i)), so an interval excludes 0 about when the "
-                 "adjusted p is below 0.05; accuracy intervals in the table "
-                 "are Wilson 95% intervals. Training noise between seeds is not in these tests: they ask whether "
-                 "these trained models differ on these examples.")
+    methods = sorted({r.method for r in v.results})
+    lines.append(f"Statistics: {len(v.pairs)} paired comparison(s) on the same {'test' if split == 'test' else 'eval'} "
+                 "examples (each configuration against the best" + (", plus adjacent steps" if numeric and name else "")
+                 + f"), on {compare.STATISTIC[m]}: " + "; ".join(_METHOD[x] for x in methods)
+                 + "; p-values Holm-adjusted over these comparisons; each interval at its Holm step-down level "
+                 "(the i-th smallest p of m at 1 - 0.05/(m - i)), so an interval excludes 0 about when the adjusted "
+                 "p is below 0.05; 'could detect' is the difference the test would find with 80% power at that level "
+                 "(normal approximation from the bootstrap spread)"
+                 + ("; accuracy intervals in the table are Wilson 95% intervals" if m == "eval_accuracy" else "")
+                 + ("." if "two-level bootstrap" in methods else ". Training noise between seeds is not in these "
+                    "tests: they ask whether these trained models differ on these examples."))
+    return lines
+
+
+_METHOD = {"McNemar": "one seed a side: an exact McNemar test on the discordant pairs, intervals from a paired "
+                      "bootstrap over examples (2,000 resamples, percentile)",
+           "paired bootstrap": "one seed a side: a paired bootstrap over examples (2,000 resamples, percentile; "
+                               "two-sided p)",
+           "two-level bootstrap": "several seeds (or different ones): a two-level bootstrap (2,000 resamples: each "
+                                  "configuration's seeds drawn with replacement, one draw of examples shared by "
+                                  "both; two-sided p)"}
+
+
+def disagreements(best: compare.Runs, pick: compare.Runs, limit: int = 5) -> pd.DataFrame:
+    """Up to `limit` examples two configurations answer differently (their first shared seed, else each
+    one's first run): example_id (the row in the source data), label, each one's prediction."""
+    shared = [s for s in best.seeds if s in pick.seeds]
+    fa = best.frames[best.seeds.index(shared[0])] if shared else best.frames[0]
+    fb = pick.frames[pick.seeds.index(shared[0])] if shared else pick.frames[0]
+    m = fa.merge(fb, on="example_id", suffixes=("_best", "_pick"))
+    m = m[m["prediction_best"].notna() & m["prediction_pick"].notna()
+          & (m["prediction_best"].astype(str) != m["prediction_pick"].astype(str))]
+    return m[["example_id", "label_best", "prediction_best", "prediction_pick"]].rename(
+        columns={"label_best": "label"}).head(limit).reset_index(drop=True)
+
+
+def disagreement_lines(best_name: str, pick_name: str, best: compare.Runs, pick: compare.Runs) -> list[str]:
+    """The report's few examples on which the pick and the best differ, as a markdown table."""
+    table = disagreements(best, pick)
+    if not len(table):
+        return []
+    def cell(x) -> str:
+        return "" if x is None or (isinstance(x, float) and math.isnan(x)) else str(x).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["", f"Examples {pick_name} and {best_name} answer differently (up to five; Example = the row in the "
+             "source data):", "", f"| Example | Label | {cell(best_name)} | {cell(pick_name)} |", "|--:|:--|:--|:--|"]
+    lines += [f"| {int(r.example_id)} | {cell(r.label)} | {cell(r.prediction_best)} | {cell(r.prediction_pick)} |"
+              for r in table.itertuples()]
     return lines
 
 

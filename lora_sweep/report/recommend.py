@@ -12,9 +12,12 @@ all ask here, so they never disagree.
 from __future__ import annotations
 
 import math
+import shlex
+from pathlib import Path
 from dataclasses import dataclass
 
 from lora_sweep.config import Config
+from lora_sweep.config.urls import redact
 from lora_sweep.record import TrialRecord
 
 
@@ -76,29 +79,68 @@ def _paired_pick(config: Config, study) -> Recommendation | None:
     df = trials_frame(study)
     if not len(df):
         return None
-    level = paired_pick(df, load_examples(config.study_dir, df))
+    level = paired_pick(df, load_examples(config.study_dir, df), config.study.metric, config.study.direction)
     if level is None:
         return None
     done = df[df["trial"].isin(level.trials)]
     metric = done[config.study.metric].astype(float)
     number = int(done.loc[metric.idxmax() if config.study.direction == "maximize" else metric.idxmin(), "trial"])
-    return Recommendation(study.trials[number], "the cheapest configuration the paired tests (McNemar, Holm) "
-                                                "cannot tell from the most accurate, on one seed", False)
+    seeds = "on one seed" if len(level.trials) == 1 else f"over its {len(level.trials)} runs"
+    tests = "(McNemar, Holm)" if config.study.metric == "eval_accuracy" and len(level.trials) == 1 else "(Holm)"
+    what = "most accurate" if config.study.metric == "eval_accuracy" else f"best by {config.study.metric}"
+    return Recommendation(study.trials[number], f"the cheapest configuration the paired tests {tests} cannot tell "
+                                                f"from the {what}, {seeds}", False)
+
+
+def _disagreements(config: Config, study, v, r: Recommendation) -> list[str]:
+    """Up to five examples the recommended configuration and the best answer differently."""
+    import lora_sweep.report.compare as compare
+    import lora_sweep.report.paired as paired
+    from lora_sweep.report.findings import verdict_of
+    from lora_sweep.report.frame import load_examples, trials_frame
+
+    if r.confirmed and v is not None and v.complete and v.recommended is not v.best:
+        best, pick = v.best, v.recommended
+        return paired.disagreement_lines(best.label, pick.label, compare.Runs(best.seeds, best.examples),
+                                         compare.Runs(pick.seeds, pick.examples))
+    if r.confirmed:
+        return []
+    df = trials_frame(study)
+    pv = verdict_of(df, load_examples(config.study_dir, df), config.study.metric, config.study.direction)
+    if pv is None or pv.pick is pv.best:
+        return []
+    i, j = pv.levels.index(pv.best), pv.levels.index(pv.pick)
+    return paired.disagreement_lines(pv.best.name, pv.pick.name, pv.runs[i], pv.runs[j])
+
+
+def export_command(config: Config) -> str:
+    """The command that exports this sweep's recommendation, as a user can paste it: `python -m lora_sweep
+    export sweep=NAME`, plus the store's locations where they are not the defaults (study.storage,
+    paths.sweeps_dir, tracking.uri; passwords redacted). The sweep's other settings come from its study."""
+    parts = ["python -m lora_sweep export", f"sweep={config.study.name}"]
+    if config.study.storage:
+        parts.append(f"study.storage={redact(config.study.storage)}")
+    if config.paths.sweeps_dir != Path("sweeps").resolve():
+        parts.append(f"paths.sweeps_dir={config.paths.sweeps_dir}")
+    if config.tracking.uri:
+        parts.append(f"tracking.uri={redact(config.tracking.uri)}")
+    return " ".join(shlex.quote(p) if i else p for i, p in enumerate(parts))
 
 
 def section(config: Config, study) -> list[str]:
     """The report's confirmation section (when the sweep has one) and its recommendation line."""
-    from lora_sweep.report.confirm import section as confirmation, verdict
+    from lora_sweep.report.confirm import section as confirmation, test_lines, verdict
 
     v = verdict(config, study)
-    lines = confirmation(v) if v is not None else []
+    lines = confirmation(v) + test_lines(v) if v is not None else []
     r = recommend(config, study, v=v)
     if r is None:
         return lines
     rec = TrialRecord.from_trial(r.trial)
     lines += ["", "## Recommendation", "",
-              f"**{rec.label}** (trial #{r.trial.number}): {r.how}. `python -m lora_sweep export "
-              f"sweep={config.study.name}` writes it (adapter, any trained head, tokenizer, model card) and checks that it loads."]
+              f"**{rec.label}** (trial #{r.trial.number}): {r.how}. `{export_command(config)}` writes it (adapter, "
+              "any trained head, tokenizer, model card) and checks that it loads."]
+    lines += _disagreements(config, study, v, r)
     if not r.confirmed:
         lines.append("One seed only: set study.confirm (e.g. `study.confirm={top_k: 3, seeds: 3}`) to re-train the "
                      "top configurations under more seeds before trusting a small difference.")

@@ -82,19 +82,31 @@ def paired_bootstrap(statistic, first: tuple, second: tuple, *, resamples: int =
     `first`, `second`: tuples of arrays over the same n examples; `statistic` takes arrays whose
     last axis runs over examples (a leading resample axis may come first) and reduces that axis."""
     first = tuple(np.asarray(x) for x in first)
-    second = tuple(np.asarray(x) for x in second)
-    n = first[0].shape[-1]
-    estimate = float(statistic(*first) - statistic(*second))
-    if n == 0:
+    if first[0].shape[0] == 0:
         return Difference(float("nan"), float("nan"), float("nan"))
+    d = paired_samples(statistic, first, second, resamples=resamples, seed=seed)
+    low, high = d.interval(level)
+    return Difference(d.estimate, low, high)
+
+
+def paired_samples(statistic, first: tuple, second: tuple, *, resamples: int = RESAMPLES,
+                   seed: int = 0) -> "SeedDifference":
+    """paired_bootstrap's distribution itself (one run a side): the estimate and the bootstrapped
+    differences, whose interval and two-sided p SeedDifference gives. Arrays' first axis runs over
+    the n examples (a statistic of summed per-example vectors, chrF's, takes (n, k) arrays)."""
+    first = tuple(np.asarray(x) for x in first)
+    second = tuple(np.asarray(x) for x in second)
+    n = first[0].shape[0]
+    if n == 0 or any(x.shape[0] != n for x in first + second):
+        raise ValueError(f"a paired comparison needs the same examples on both sides, at least one; got "
+                         f"{[x.shape[0] for x in first + second]}")
+    estimate = float(statistic(*first) - statistic(*second))
     rng = np.random.default_rng(seed)
     diffs = []
     for start in range(0, resamples, 500):  # 500 resamples at a time bounds the memory
         idx = rng.integers(0, n, size=(min(500, resamples - start), n))
         diffs.append(statistic(*(x[idx] for x in first)) - statistic(*(x[idx] for x in second)))
-    d = np.concatenate(diffs)
-    tail = 100 * (1 - level) / 2
-    return Difference(estimate, float(np.percentile(d, tail)), float(np.percentile(d, 100 - tail)))
+    return SeedDifference(estimate, np.concatenate(diffs))
 
 
 def mean(x):
@@ -143,9 +155,9 @@ def two_level_bootstrap(statistic, first: list, second: list, *, resamples: int 
     like paired_bootstrap's; `statistic` as there."""
     first = [tuple(np.asarray(x) for x in run) for run in first]
     second = [tuple(np.asarray(x) for x in run) for run in second]
-    n = first[0][0].shape[-1]
-    if any(x.shape[-1] != n for run in first + second for x in run):
-        raise ValueError("every run must be scored on the same examples")
+    n = first[0][0].shape[0]
+    if n == 0 or any(x.shape[0] != n for run in first + second for x in run):
+        raise ValueError("every run must be scored on the same examples, at least one")
     estimate = float(np.mean([statistic(*r) for r in first]) - np.mean([statistic(*r) for r in second]))
     rng = np.random.default_rng(seed)
     diffs = []
@@ -169,3 +181,24 @@ def holm_levels(pvalues, level: float = LEVEL) -> list[float]:
     for rank, i in enumerate(np.argsort(p, kind="stable")):
         out[i] = 1 - (1 - level) / (p.size - rank)
     return out.tolist()
+
+
+def split_difference(statistic, first: list, second: list, *, resamples: int = RESAMPLES,
+                     seed: int = 0) -> SeedDifference:
+    """The same models scored on two independent sets of examples (validation and test): the
+    difference of statistic averaged over the runs, resampling each set's examples apart (one draw
+    a set, shared by its runs, since the runs are the same models on both sides)."""
+    first = [tuple(np.asarray(x) for x in run) for run in first]
+    second = [tuple(np.asarray(x) for x in run) for run in second]
+    estimate = float(np.mean([statistic(*r) for r in first]) - np.mean([statistic(*r) for r in second]))
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for start in range(0, resamples, 500):
+        size = min(500, resamples - start)
+        sides = []
+        for runs in (first, second):
+            n = runs[0][0].shape[0]
+            idx = rng.integers(0, n, size=(size, n))
+            sides.append(np.mean([statistic(*(x[idx] for x in run)) for run in runs], axis=0))
+        diffs.append(sides[0] - sides[1])
+    return SeedDifference(estimate, np.concatenate(diffs))

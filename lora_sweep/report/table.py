@@ -21,7 +21,9 @@ from lora_sweep import record
 from lora_sweep.config import Config, ConfigError
 from lora_sweep.report.budget import NOTE as BUDGET_NOTE, budget_column
 from lora_sweep.report.frame import _eval_size, load_examples, trials_frame, with_intervals
-from lora_sweep.report.findings import complete, noise, pareto_mask, pareto_sentence, param_importances, sweep_findings
+import lora_sweep.report.heldout as heldout
+from lora_sweep.report.findings import (complete, noise, pareto_mask, pareto_sentence, param_importances, sweep_findings,
+                                        verdict_of)
 from lora_sweep.report.plots import TITLES, write_plots
 from lora_sweep.trial.precision import describe as describe_precision
 
@@ -45,6 +47,9 @@ def guide_table(df: pd.DataFrame, sweep_column: bool = False) -> pd.DataFrame:
         "Pareto": pareto.map(lambda p: "✓" if p else ""),
         "Trial": done["trial"].map(lambda n: f"#{n}"),
     })
+    if "test_accuracy" in done and done["test_accuracy"].notna().any():  # data.test_size: the held-out split
+        table.insert(table.columns.get_loc("95% CI") + 1, "Test (%)", done["test_accuracy"].map(
+            lambda v: "n/a" if pd.isna(v) else f"{100 * v:.1f}"))
     if "eval_perplexity" in done and done["eval_perplexity"].notna().any():  # CAUSAL_LM / SEQ_2_SEQ_LM
         table.insert(3, "Perplexity", done["eval_perplexity"].map(
             lambda v: "n/a" if pd.isna(v) else f"{v:.2f}"))
@@ -98,7 +103,8 @@ def _facts(config: Config, study: optuna.Study, df: pd.DataFrame) -> list[tuple[
         ("Model", f"`{meta.get('model', config.base.model.name_or_path)}`"),
         ("Data", f"`{meta.get('data', config.base.data.name_or_path)}`, "
                  + (f"labels {meta.get('labels', '?')}, " if meta.get("labels", "?") != [] else "")
-                 + f"{meta.get('train_size', '?')} train / {meta.get('eval_size', '?')} eval examples, "
+                 + f"{meta.get('train_size', '?')} train / {meta.get('eval_size', '?')} eval"
+                 + (f" / {meta['test_size']} held-out test" if meta.get("test_size") else "") + " examples, "
                  f"max_length {meta.get('max_length', '?')}"),
         ("Task", meta.get("task_type", config.base.lora.task_type)),
         ("Device", meta.get("device", "?") + _precision_fact(study, df)),
@@ -125,17 +131,30 @@ def markdown(config: Config, study: optuna.Study, df: pd.DataFrame, plots: list[
     done = complete(df)
     lines += ["", "## Findings", ""]
     examples = load_examples(config.study_dir, df) if examples is None else examples
-    found = sweep_findings(df, _eval_size(study), param_importances(study, config.study.metric), examples)
+    found = sweep_findings(df, _eval_size(study), param_importances(study, config.study.metric), examples,
+                           config.study.metric, config.study.direction)
     if len(done):
         found.insert(len(found) - 1, pareto_sentence(done, pareto_mask(done)))
     lines += [f"- {f}" for f in found]
     from lora_sweep.report.recommend import section  # the confirmation stage, then the one recommendation
 
     lines += section(config, study)
+    lines += heldout.section(held_out(config, df, examples))
     lines += plots_section(plots)
     lines += problems_section(df)
     lines.append("")
     return "\n".join(lines)
+
+
+def held_out(config: Config, df: pd.DataFrame, examples: dict | None = None):
+    """The validation verdict repeated on the test split (heldout.Repeat), None without test results."""
+    if not len(df):
+        return None
+    examples = load_examples(config.study_dir, df) if examples is None else examples
+    tests = heldout.load_test_examples(config.study_dir, df)
+    if not tests:
+        return None
+    return heldout.repeat(verdict_of(df, examples, config.study.metric, config.study.direction), df, tests)
 
 
 def notes_lines(df: pd.DataFrame) -> list[str]:
@@ -146,6 +165,9 @@ def notes_lines(df: pd.DataFrame) -> list[str]:
              "Trainable params: trainable parameters as peft counts them (LoRA weights plus any classifier "
              "head, which peft trains in full); Trainable (%): their share of all parameters.",
              "95% CI: the accuracy's Wilson 95% interval over the eval examples it counts (eval_n in report.csv).",
+             *(["Test: accuracy on the held-out test split (data.test_size; test_n in report.csv), which nothing "
+                "that chose a configuration read."] if "test_accuracy" in df and df["test_accuracy"].notna().any()
+               else []),
              "Training time: mean seconds per epoch of training, evaluation excluded.",
              "Pareto: ✓ where no other row is both more accurate and trains a smaller share of parameters.",
              "Trial: the Optuna trial number (its MLflow run id is in report.csv)."]
@@ -292,8 +314,9 @@ def summary(config: Config, study: optuna.Study) -> str:
                 f"{chosen.how}\n" if not math.isnan(value) else "")
     from lora_sweep.report.mlflow_view import browse_line
 
+    test = heldout.summary_line(held_out(config, df)) if len(done) else ""
     return "\n".join([
-        "", to_markdown(table) if len(table) else "No complete trials.", "", best
+        "", to_markdown(table) if len(table) else "No complete trials.", "", best + (f"{test}\n" if test else "")
         + f"Report: {config.report_dir / 'report.md'} (and report.csv)",
         browse_line(config, study),
     ])
@@ -304,4 +327,5 @@ def check_exists(config: Config) -> None:
     stored = [config.study_dir / "study.db", config.study_dir / "study.journal"]  # one worker / several
     if config.study.storage is None and not any(p.exists() for p in stored):
         raise ConfigError(f"No results for sweep {config.study.name!r}: {config.study_dir / 'study.db'} does not "
-                          f"exist. Run it first: python -m lora_sweep +sweep={config.study.name}")
+                          f"exist. Run it first: python -m lora_sweep +sweep={config.study.name} (or the sweep you named "
+                          f"study.name={config.study.name}), or give the paths.sweeps_dir / study.storage it used")
