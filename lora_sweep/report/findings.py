@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -172,8 +172,7 @@ def sweep_findings(df: pd.DataFrame, eval_size: int | None, importances: dict | 
     verdict = verdict_of(done, examples, metric, direction)
     if verdict is not None:
         lines = [_varied_line(vary, importances)] if len(vary) > 1 else []
-        name = column.removeprefix("param.").split(".")[-1] if column else None
-        lines += paired.paired_lines(verdict, name, numeric)
+        lines += paired.paired_lines(verdict, numeric)
         lines[-1:-1] = [x for x in (warning, _cost(done)) if x]
         return lines
     nz = noise(done, eval_size)
@@ -215,7 +214,11 @@ def verdict_of(done: pd.DataFrame, examples: dict | None, metric: str = ACC,
     vary = varied(done)
     column = vary[0] if len(vary) == 1 else None
     numeric = column is not None and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in done[column])
-    return paired.paired_verdict(done, levels(done, column, metric), numeric, examples, metric, direction)
+    knob = column.removeprefix("param.").split(".")[-1] if column else None
+    lv = levels(done, column, metric)
+    if knob:  # "r=8", not "8"
+        lv = [replace(x, name=f"{knob}={x.name}") for x in lv]
+    return paired.paired_verdict(done, lv, numeric, examples, metric, direction, knob)
 
 
 def paired_pick(df: pd.DataFrame, examples: dict | None, metric: str = ACC, direction: str = "maximize") -> Level | None:

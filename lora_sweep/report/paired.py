@@ -81,6 +81,7 @@ class PairedVerdict:
     pick: object           # the cheapest of best + tied (5% fewer parameters at least), else the best
     extras: list           # per pair: {"f1": Difference, "loss": Difference} (accuracy, one seed), else {}
     runs: list             # compare.Runs per level
+    knob: str | None = None  # the one knob a one-knob sweep varies (level names read "knob=value")
 
     @property
     def n_best(self) -> int:
@@ -88,7 +89,7 @@ class PairedVerdict:
 
 
 def paired_verdict(done: pd.DataFrame, lv: list, numeric: bool, examples: dict, metric: str = "eval_accuracy",
-                   direction: str = "maximize") -> PairedVerdict:
+                   direction: str = "maximize", knob: str | None = None) -> PairedVerdict:
     sign = 1 if direction == "maximize" else -1
     runs = [runs_of(x, done, examples) for x in lv]
     pairs = comparisons(lv, numeric, sign)
@@ -98,7 +99,7 @@ def paired_verdict(done: pd.DataFrame, lv: list, numeric: bool, examples: dict, 
     cheapest = min([best, *tied], key=lambda x: x.params)
     pick = cheapest if cheapest.params < CHEAPER * best.params else best
     extras = [_extras(runs[r.first], runs[r.second], r) if metric == "eval_accuracy" else {} for r in results]
-    return PairedVerdict(metric, direction, lv, pairs, results, best, tied, pick, extras, runs)
+    return PairedVerdict(metric, direction, lv, pairs, results, best, tied, pick, extras, runs, knob)
 
 
 def _extras(first: compare.Runs, second: compare.Runs, r: compare.Comparison) -> dict:
@@ -181,13 +182,10 @@ def _shown(metric: str, level) -> str:
     return f"{100 * v:.1f}%" if metric in compare.CORRECTNESS else f"{v:.1f}" if metric == "eval_chrf" else f"{v:.4g}"
 
 
-def paired_lines(v: PairedVerdict, name: str | None, numeric: bool, split: str = "eval") -> list[str]:
-    """Findings from a PairedVerdict; `name`: the swept knob, None when configurations are compared whole."""
-    m = v.metric
-    lv = [replace(x, name=f"{name}={x.name}") for x in v.levels] if name else list(v.levels)
-    rename = {id(old): new for old, new in zip(v.levels, lv)}
-    best, pick = rename[id(v.best)], rename[id(v.pick)]
-    tied = [rename[id(x)] for x in v.tied]
+def paired_lines(v: PairedVerdict, numeric: bool, split: str = "eval") -> list[str]:
+    """Findings from a PairedVerdict (its levels named as they are to be shown)."""
+    m, name, lv = v.metric, v.knob, list(v.levels)
+    best, pick, tied = v.best, v.pick, list(v.tied)
     lines = []
     sentences = [sentence(lv[r.first], lv[r.second], r, m, e, v.direction) for r, e in zip(v.results, v.extras)]
     if numeric and name and len(lv) > 2:  # two levels: the one step is the comparison with the best
@@ -202,8 +200,7 @@ def paired_lines(v: PairedVerdict, name: str | None, numeric: bool, split: str =
     text = f"Best configuration: {best.ref}, {value} with {best.pct:.2f}% of parameters trainable."
     if tied:
         could = {r.second: r for r in v.results[:v.n_best]}
-        shown = ", ".join(f"{x.name} (could detect about {amount(m, could[v.levels.index(y)].mde)})"
-                          for x, y in zip(tied, v.tied))
+        shown = ", ".join(f"{x.name} (could detect about {amount(m, could[v.levels.index(x)].mde)})" for x in tied)
         text += (f" Not distinguishable from it (Holm-adjusted p≥0.05): {shown}"
                  + (f"; the cheapest of these is {pick.ref}, {pick.pct:.2f}% trainable."
                     if pick is not best else "; none trains 5% fewer parameters or more."))
@@ -256,7 +253,7 @@ def disagreement_lines(best_name: str, pick_name: str, best: compare.Runs, pick:
              "source data):", "", f"| Example | Label | {cell(best_name)} | {cell(pick_name)} |", "|--:|:--|:--|:--|"]
     lines += [f"| {int(r.example_id)} | {cell(r.label)} | {cell(r.prediction_best)} | {cell(r.prediction_pick)} |"
               for r in table.itertuples()]
-    return lines
+    return lines + [""]
 
 
 def scale_warning(done: pd.DataFrame, lv: list, column: str | None, numeric: bool) -> str | None:

@@ -114,7 +114,7 @@ def test_the_recommendation_reads_the_holm_adjusted_p_the_findings_print():
     v = findings.verdict_of(df, examples)
     assert [r.p for r in v.results] == pytest.approx([0.03125, 0.03125])
     assert [r.p_adj for r in v.results] == pytest.approx([0.0625, 0.0625])
-    assert v.pick.name == "query"                                     # tied after Holm: the cheapest
+    assert v.pick.name == "target_modules=query"                      # tied after Holm: the cheapest
     text = " ".join(findings.sweep_findings(df, None, examples=examples))
     assert "Not distinguishable from it" in text and "the cheapest of these is target_modules=query" in text
     assert "could detect about" in text                               # what the test could have seen
