@@ -165,26 +165,49 @@ def _seed(rec: TrialRecord, trial) -> int | None:
     return trial.params.get(confirm.SEED, rec.params.get("seed"))
 
 
-def test_lines(v: Verdict | None) -> list[str]:
-    """The confirmation's comparisons repeated on the held-out test split (same pairs, same family), and
-    the recommended configuration's selection optimism; [] without test results for every run."""
+def test_repeat(v: Verdict | None):
+    """(comparisons on test, the recommended's optimism tuple, its test value) of a complete confirmation
+    whose runs all scored the held-out test split; None otherwise."""
     if v is None or not v.complete or not all(c.test_paths and all(p.exists() for p in c.test_paths)
                                               for c in v.configs):
-        return []
+        return None
     m = v.metric
     tests = [compare.Runs(c.seeds, tuple(record.read_examples(p) for p in c.test_paths)) for c in v.configs]
     results = compare.family(m, tests, [(0, k) for k in range(1, len(tests))], resamples=RESAMPLES)
     i = v.configs.index(v.recommended)
-    est, low, high, n_eval, n_test = compare.optimism(m, compare.Runs(v.recommended.seeds, v.recommended.examples),
-                                                      tests[i], resamples=RESAMPLES)
+    optimism = compare.optimism(m, compare.Runs(v.recommended.seeds, v.recommended.examples), tests[i],
+                                resamples=RESAMPLES)
+    return results, optimism, compare.value(m, tests[i])
+
+
+def test_summary(v: Verdict | None) -> str:
+    """The sweep summary's held-out line for a confirmed recommendation ('' without one)."""
+    rep = test_repeat(v)
+    if rep is None:
+        return ""
+    _, (est, low, high, n_eval, n_test), value = rep
+    rec, m = v.recommended, v.metric
+    return (f"Held-out test ({n_test:,} examples nothing chose on): {rec.label} over its {len(rec.seeds)} seeds "
+            f"scores {_fmt(m, value)}{'%' if m in compare.CORRECTNESS else ''} (validation {_fmt(m, rec.mean)}); "
+            f"selection optimism {_signed(m, est)} {_unit(m)} (95% CI {_signed(m, low)} to {_signed(m, high)})")
+
+
+def test_lines(v: Verdict | None) -> list[str]:
+    """The confirmation's comparisons repeated on the held-out test split (same pairs, same family), and
+    the recommended configuration's selection optimism; [] without test results for every run."""
+    rep = test_repeat(v)
+    if rep is None:
+        return []
+    m = v.metric
+    results, (est, low, high, n_eval, n_test), _ = rep
     sign = 1 if v.direction == "maximize" else -1
     lines = ["", f"The same comparisons on the held-out test split ({n_test:,} examples no run was chosen on; "
                  "two-level bootstrap, Holm over the same family):", "",
              f"| {v.best.label} vs | Validation | Test |", "|:--|--:|--:|"]
     for c, r in zip(v.comparisons, results):
         beyond = lambda p, d: "beyond noise" if p < ALPHA and sign * d > 0 else "not supported"  # noqa: E731
-        lines.append(f"| {c.other.label} | {_signed(m, c.diff.estimate)} (p {_p(c.p_adj)}, "
-                     f"{beyond(c.p_adj, c.diff.estimate)}) | {_signed(m, r.estimate)} (p {_p(r.p_adj)}, "
+        lines.append(f"| {c.other.label} | {_signed(m, c.diff.estimate)} {_unit(m)} (p {_p(c.p_adj)}, "
+                     f"{beyond(c.p_adj, c.diff.estimate)}) | {_signed(m, r.estimate)} {_unit(m)} (p {_p(r.p_adj)}, "
                      f"{beyond(r.p_adj, r.estimate)}) |")
     lines += ["", f"Selection optimism of the recommended {v.recommended.label} over its {len(v.recommended.seeds)} "
                   f"seeds (validation minus test): {_signed(m, est)} {_unit(m)} (95% CI {_signed(m, low)} to "

@@ -72,8 +72,9 @@ def section(rep: Repeat | None) -> list[str]:
     est, low, high, n_eval, n_test = rep.optimism
     lines = ["", "## Held-out test split", "",
              f"Each complete trial also scored {n_test:,} test examples (data.test_size) once, after training; the "
-             "sampler, pruner, confirmation and recommendation never read them. The findings' comparisons, chosen "
-             "and judged on validation, repeated on test (the same pairs, Holm over the same family):", "",
+             "sampler, pruner, confirmation and recommendation never read them. The findings' comparisons of the "
+             "search's runs, chosen and judged on validation, repeated on test (the same pairs, Holm over the same "
+             "family):", "",
              "| Comparison | Validation | Test |", "|:--|--:|--:|"]
     for a, b in zip(v.results, rep.results):
         lines.append(f"| {v.levels[a.first].name} vs {v.levels[a.second].name} | {_cell(m, a, v.direction)} | "

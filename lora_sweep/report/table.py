@@ -314,7 +314,11 @@ def summary(config: Config, study: optuna.Study) -> str:
                 f"{chosen.how}\n" if not math.isnan(value) else "")
     from lora_sweep.report.mlflow_view import browse_line
 
-    test = heldout.summary_line(held_out(config, df)) if len(done) else ""
+    test = ""
+    if len(done):
+        from lora_sweep.report.confirm import test_summary, verdict
+
+        test = test_summary(verdict(config, study)) or heldout.summary_line(held_out(config, df))
     return "\n".join([
         "", to_markdown(table) if len(table) else "No complete trials.", "", best + (f"{test}\n" if test else "")
         + f"Report: {config.report_dir / 'report.md'} (and report.csv)",

@@ -292,7 +292,7 @@ def test_scrambled_test_results_change_no_choice(make_config, tmp_path):
 def test_the_confirmation_is_repeated_on_the_test_split(make_config, tmp_path):
     """The confirmation's verdict (on validation) repeated on test, with the recommended configuration's
     selection optimism: validation minus test, over its seeds."""
-    from lora_sweep.report.confirm import test_lines, verdict
+    from lora_sweep.report.confirm import test_lines, test_summary, verdict
 
     val = {16: (16000, [frame(right_on(100, 90, s)) for s in range(3)]),
            4: (4000, [frame(right_on(100, 70, s)) for s in range(3)])}
@@ -303,7 +303,9 @@ def test_the_confirmation_is_repeated_on_the_test_split(make_config, tmp_path):
     text = "\n".join(test_lines(v))
     assert v.recommended.label == "r=16" and "held-out test split (80 examples" in text
     assert "(validation minus test): +10.0 points" in text                # 90% on validation, 80% on test
-    assert "| r=4 | +20.0 (p <0.001, beyond noise) | +10.0 (p " in text
+    assert "| r=4 | +20.0 points (p <0.001, beyond noise) | +10.0 points (p " in text
+    assert test_summary(v).startswith("Held-out test (80 examples nothing chose on): r=16 over its 3 seeds scores "
+                                      "80.0% (validation 90.0); selection optimism +10.0 points")
 
 
 @pytest.mark.usefixtures("one_thread", "fresh_caches")
