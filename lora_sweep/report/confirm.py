@@ -187,8 +187,9 @@ def test_summary(v: Verdict | None) -> str:
         return ""
     _, (est, low, high, n_eval, n_test), value = rep
     rec, m = v.recommended, v.metric
+    pct = "%" if m in compare.CORRECTNESS else ""
     return (f"Held-out test ({n_test:,} examples nothing chose on): {rec.label} over its {len(rec.seeds)} seeds "
-            f"scores {_fmt(m, value)}{'%' if m in compare.CORRECTNESS else ''} (validation {_fmt(m, rec.mean)}); "
+            f"scores {_fmt(m, value)}{pct} (validation {_fmt(m, rec.mean)}{pct}); "
             f"selection optimism {_signed(m, est)} {_unit(m)} (95% CI {_signed(m, low)} to {_signed(m, high)})")
 
 

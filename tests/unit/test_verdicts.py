@@ -305,7 +305,7 @@ def test_the_confirmation_is_repeated_on_the_test_split(make_config, tmp_path):
     assert "(validation minus test): +10.0 points" in text                # 90% on validation, 80% on test
     assert "| r=4 | +20.0 points (p <0.001, beyond noise) | +10.0 points (p " in text
     assert test_summary(v).startswith("Held-out test (80 examples nothing chose on): r=16 over its 3 seeds scores "
-                                      "80.0% (validation 90.0); selection optimism +10.0 points")
+                                      "80.0% (validation 90.0%); selection optimism +10.0 points")
 
 
 @pytest.mark.usefixtures("one_thread", "fresh_caches")
