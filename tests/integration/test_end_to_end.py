@@ -101,12 +101,14 @@ def test_two_trial_rank_sweep_end_to_end(tmp_path):
     report = (tmp_path / "reports" / "rank" / "report.md").read_text()
     from lora_sweep.report import COLUMNS
 
-    header = "|" + "|".join(COLUMNS) + "|"
+    columns = [*COLUMNS[:3], "Test (%)", *COLUMNS[3:]]  # data.test_size: the held-out accuracy beside the CI
+    header = "|" + "|".join(columns) + "|"
     assert header.replace(" ", "") in report.replace(" ", "")
+    assert "## Held-out test split" in report and "selection optimism" in report
     rows = [line.replace(" ", "").split("|") for line in report.splitlines() if line.startswith("| r=")]
     for r, m in by_r.items():
         row = next(cells for cells in rows if cells[1] == f"r={r}")
-        at = COLUMNS.index("Trainable params") + 1  # cells[0] is the empty text before the first pipe
+        at = columns.index("Trainable params") + 1  # cells[0] is the empty text before the first pipe
         assert row[at:at + 2] == [f"{int(m['trainable_params']):,}", f"{m['trainable_pct']:.2f}"]
     assert "## Findings" in report and "Against the most accurate" in report and "McNemar p=" in report
     for png in ("accuracy_vs_trainable.png", "epoch_curves.png", "cost.png"):
