@@ -25,7 +25,7 @@ from lora_sweep.search.space import Point, SearchSpace
 from lora_sweep.trial import interrupt
 from lora_sweep.trial.metrics import failure_reason, release_memory, rss_mb
 from lora_sweep.trial.train import precision_name
-from lora_sweep.trial.runner import LM_RESULT_KEYS, RESULT_KEYS, budgeted, run_trial, target_names  # noqa: F401
+from lora_sweep.trial.runner import LM_RESULT_KEYS, RESULT_KEYS, Prepared, prepare, run_trial  # noqa: F401
 
 log = logging.getLogger("lora_sweep")
 
@@ -71,9 +71,11 @@ class Objective:
         (each evaluation reported to the pruner), then finish, or pruned, or failed."""
         self.started += 1
         point = self._suggest(trial)
-        run = self._start(trial, point)
+        ready = prepare(point.settings)  # settings within the budget, splits, targets: resolved once
+        point = with_budget(point, ready)
+        run = self._start(trial, point, ready)
         try:
-            result = self._train(trial, point, run)
+            result = self._train(trial, point, run, ready)
         except optuna.TrialPruned as e:
             self._pruned(trial, run, e)
             raise
@@ -84,14 +86,14 @@ class Objective:
 
     def _suggest(self, trial: optuna.Trial) -> Point:
         try:
-            return with_budget(self.space.suggest(trial))
+            return self.space.suggest(trial)
         except Excluded as e:
             record.write(trial, excluded=str(e), label=str(e).split(":")[0])
             log.info("[%d/%d] trial %d excluded, not trained: %s", self.started, self.planned, trial.number, e)
             self.progress.trial_finished()
             raise optuna.TrialPruned(f"excluded: {e}") from None
 
-    def _start(self, trial: optuna.Trial, point: Point) -> "_Run":
+    def _start(self, trial: optuna.Trial, point: Point, ready: Prepared) -> "_Run":
         """Who, where and what, stored before any training (a trial that dies midway keeps it)."""
         run = _Run(tag=f"[{self.started}/{self.planned}] trial {trial.number} ({point.label})",
                    unit="step" if point.settings.train.eval_steps else "epoch",
@@ -103,7 +105,7 @@ class Objective:
         record.write(trial, memory_before_mb=round(rss_mb(), 1),  # process RSS: proves a failed trial gave it back
                      device=self.device, worker=f"{socket.gethostname()}:{os.getpid()}",  # which worker ran it
                      precision=precision_name(point.settings.train, self.device))
-        preview = target_names(point.settings)
+        preview = ready.targets
         params = mlflow_params(point.settings, preview)
         record.write(trial, params={k: _jsonable(v) for k, v in params.items()},
                      lora_scale=float(point.settings.lora.scale))
@@ -132,10 +134,10 @@ class Objective:
                              pruned_at_epoch=step if run.unit == "epoch" else None)
                 raise optuna.TrialPruned(f"pruned after {run.unit} {step}: {self.config.study.metric}={value:.4f}")
 
-    def _train(self, trial: optuna.Trial, point: Point, run: "_Run"):
+    def _train(self, trial: optuna.Trial, point: Point, run: "_Run", ready: Prepared):
         with tempfile.TemporaryDirectory(prefix="lora-sweep-adapter-") as tmp:
             save = self.config.tracking.log_artifacts and point.settings.train.save_adapter
-            result = run_trial(point.settings, self.device, lambda step, m: self._on_epoch(trial, run, step, m),
+            result = run_trial(ready, self.device, lambda step, m: self._on_epoch(trial, run, step, m),
                                Path(tmp) / "adapter" if save else None)
             interrupt.check()  # interrupted after the last step: not a result either
             if result.adapter_dir is not None:
@@ -226,11 +228,12 @@ def run_name(point: Point) -> str:
     return name
 
 
-def with_budget(point: Point) -> Point:
-    """The point at the r its lora.param_budget resolves to, which its label shows (`target_modules=qv, r=24`)."""
-    if point.settings.lora.param_budget is None:
+def with_budget(point: Point, ready: Prepared) -> Point:
+    """The point at the r its lora.param_budget resolves to, which its label shows (`target_modules=qv, r=24`);
+    a 4-bit base resolves it when the trial trains."""
+    if point.settings.lora.param_budget is None or ready.base is None:
         return point
-    settings = budgeted(point.settings)
+    settings = ready.settings
     label = f"r={settings.lora.r}" if point.label == "base" else f"{point.label}, r={settings.lora.r}"
     return replace(point, settings=settings, label=label)
 

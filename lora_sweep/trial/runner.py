@@ -88,15 +88,42 @@ class TrialResult:
         return self.figures.stored(TEST_KEYS)
 
 
-def run_trial(settings: TrialSettings, device: str, on_epoch: Callable[[int, dict], None],
-              adapter_dir: Path | None = None) -> TrialResult:
-    """Fine-tune one LoRA configuration and measure it. Pure of Optuna/MLflow: usable alone."""
-    from transformers import set_seed
+@dataclass(frozen=True)
+class Prepared:
+    """What a trial needs, resolved once before it trains (the objective records from it what it resolves):
+    its settings at the rank lora.param_budget gives, the task, the base model (cached per process), the
+    tokenized splits and the module names the targets resolve to. A 4-bit base is not cached: it is
+    loaded (and the budget applied) when the trial trains, and base, splits and targets stay empty here."""
+    settings: TrialSettings
+    task: object
+    base: object = None
+    splits: data.Splits | None = None
+    targets: tuple = ()
 
+
+def prepare(settings: TrialSettings) -> Prepared:
     task = chat.get_task(settings.lora.task_type, settings.data, data.load_splits(settings.data).format)
+    if settings.model.load_in_4bit:  # loading one just to name its modules would double the trial's load time
+        return Prepared(settings, task)
     base = models.load_base(settings.model, labels_of(settings), settings.train.seed, settings.lora.task_type)
     settings = replace(settings, lora=adapters.apply_budget(settings.lora, base.model))  # r within lora.param_budget
     splits = data.tokenized(settings.data, base.tokenizer, tokenizer_key=settings.model.name_or_path, task=task)
+    return Prepared(settings, task, base, splits, adapters.resolve_targets(settings.lora.target_modules, base.model).names)
+
+
+def run_trial(settings: TrialSettings | Prepared, device: str, on_epoch: Callable[[int, dict], None],
+              adapter_dir: Path | None = None) -> TrialResult:
+    """Fine-tune one LoRA configuration (its settings, or what prepare() resolved from them) and measure
+    it. Pure of Optuna/MLflow: usable alone."""
+    from transformers import set_seed
+
+    ready = settings if isinstance(settings, Prepared) else prepare(settings)
+    task, base, splits, settings = ready.task, ready.base, ready.splits, ready.settings
+    if base is None:  # a 4-bit base: loaded for this trial alone
+        base = models.load_base(settings.model, labels_of(settings), settings.train.seed, settings.lora.task_type)
+        settings = replace(settings, lora=adapters.apply_budget(settings.lora, base.model))
+        splits = data.tokenized(settings.data, base.tokenizer, tokenizer_key=settings.model.name_or_path, task=task)
+    del ready
     model = peft_model = None
     try:
         with PeakMemory(device) as memory:
@@ -179,24 +206,6 @@ def held_out_figures(frame, shape: str, labels: tuple, seconds: float) -> dict:
     out["test_n"] = int(scored.sum()) if scored.any() else int(finite.sum())
     out["test_seconds"] = float(seconds)
     return out
-
-
-def target_names(settings: TrialSettings) -> tuple:
-    """The module names a preset resolves to, from the cached base model (quantized bases are not
-    cached, and loading one just to name its modules would double the trial's load time)."""
-    if settings.model.load_in_4bit:
-        return ()
-    base = models.load_base(settings.model, labels_of(settings), settings.train.seed, settings.lora.task_type)
-    return adapters.resolve_targets(settings.lora.target_modules, base.model).names
-
-
-def budgeted(settings: TrialSettings) -> TrialSettings:
-    """The settings at the rank lora.param_budget resolves to on the cached base model (run_trial trains
-    at the same one), for what is recorded before the trial; unchanged without a budget."""
-    if settings.lora.param_budget is None or settings.model.load_in_4bit:
-        return settings
-    base = models.load_base(settings.model, labels_of(settings), settings.train.seed, settings.lora.task_type)
-    return replace(settings, lora=adapters.apply_budget(settings.lora, base.model))
 
 
 def generate_every(settings: TrialSettings, shape: str) -> bool:

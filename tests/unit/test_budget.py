@@ -117,18 +117,29 @@ def test_run_trial_alone_trains_at_the_budgeted_rank(settings):  # noqa: F811
 
 
 @pytest.mark.usefixtures("one_thread", "fresh_caches")
-def test_a_budgeted_sweep_trains_and_records_the_resolved_rank(tiny_config):  # noqa: F811
+def test_a_budgeted_sweep_trains_and_records_the_resolved_rank(tiny_config, monkeypatch):  # noqa: F811
+    """Also: a trial resolves its budget once (runner.prepare), for what the objective records and what it
+    trains, not once for each."""
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
     from lora_sweep import record
     from lora_sweep.run.sweep import run_sweep
+    from lora_sweep.trial import adapters
+
+    import sys
+
+    calls = []
+    resolve = adapters.apply_budget
+    monkeypatch.setattr(adapters, "apply_budget", lambda *a, **k: calls.append(sys._getframe(1).f_globals["__name__"])
+                        or resolve(*a, **k))
 
     config = tiny_config({"lora.target_modules": "choice(query, all-linear)"}, {"name": "budget", "sampler": "grid"},
                          train={"num_train_epochs": 1})
     lora = replace(config.base.lora, param_budget=1000, alpha_ratio=2)
     config = replace(config, base=replace(config.base, lora=lora))
     study = run_sweep(config)
+    assert calls.count("lora_sweep.trial.runner") == len(study.trials)  # preflight's calls aside
     records = {r.params["target_modules_preset"]: r for r in map(record.TrialRecord.from_trial, study.trials)}
     assert {p: (r.params["r"], r.lora_params, r.label) for p, r in records.items()} == {
         "query": (7, 7 * 128, "target_modules=query, r=7"), "all-linear": (1, 960, "target_modules=all-linear, r=1")}
