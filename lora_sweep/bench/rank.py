@@ -48,6 +48,14 @@ def compose(overrides: list[str]):
     return from_mapping(OmegaConf.to_container(cfg, resolve=True))
 
 
+def like_for_like(overrides: list[str]) -> list[str]:
+    """No held-out test split unless asked for: the baseline scores none, and its time would count on the
+    sweep's side alone."""
+    if any(o.split("=", 1)[0].lstrip("+~") == "data.test_size" for o in overrides):
+        return list(overrides)
+    return [*overrides, "data.test_size=null"]
+
+
 def with_default_sweep(argv: list[str]) -> list[str]:
     """The rank sweep unless the overrides name a sweep: `bench data.train_size=1000` means the
     default sweep at 1000 tweets, not the single base configuration."""
@@ -167,7 +175,7 @@ def main(argv: list[str]) -> int:
     from lora_sweep.bench.flops import matmul_peak_gflops, per_sequence_flops, training_flops
 
     quiet_third_party()
-    overrides = with_default_sweep(argv)
+    overrides = like_for_like(with_default_sweep(argv))
     config = compose(overrides)
     points = grid_points(config)
     print(f"bench: {len(points)} configurations ({'; '.join(p.label for p in points)}), "

@@ -43,6 +43,13 @@ def test_overrides_without_a_sweep_bench_the_default_rank_sweep(argv, expected):
     assert len(bench.grid_points(bench.compose(bench.with_default_sweep(argv)))) == (4 if expected[0] == "+sweep=rank" else 3)
 
 
+def test_the_bench_sweeps_without_a_test_split_the_baseline_does_not_score():
+    assert bench.compose(bench.like_for_like(bench.with_default_sweep([]))).base.data.test_size is None
+    assert bench.compose(bench.with_default_sweep([])).base.data.test_size == 500  # what +sweep=rank holds out
+    asked = bench.like_for_like(bench.with_default_sweep(["data.test_size=100"]))
+    assert bench.compose(asked).base.data.test_size == 100
+
+
 def test_the_baseline_trains_with_the_sweeps_schedule_not_transformers_defaults(tmp_path):
     overrides = ["train.warmup_steps=0.1", "train.lr_scheduler_type=cosine", "train.max_grad_norm=0.5",
                  "train.gradient_accumulation_steps=2", "train.learning_rate=3e-4"]
