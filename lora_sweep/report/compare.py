@@ -111,6 +111,14 @@ def arrays(metric: str, frame: pd.DataFrame, ids) -> tuple:
     raise KeyError(f"no per-example statistic for {metric!r}; one of {', '.join(METRICS)}")
 
 
+def codes(*columns) -> tuple:
+    """Label texts as integer codes, one code per distinct text across these columns (so only codes from one
+    call compare): macro F1 over them equals it over the texts, and integers compare much faster."""
+    texts = [pd.Series(c).astype(str).to_numpy() for c in columns]
+    _, inverse = np.unique(np.concatenate(texts), return_inverse=True)
+    return tuple(np.split(inverse, np.cumsum([len(t) for t in texts])[:-1]))
+
+
 def statistic(metric: str, classes=None):
     """The function of arrays() that reduces the examples axis (a leading resample axis may come first)."""
     if metric == "eval_f1":

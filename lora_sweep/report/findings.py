@@ -156,10 +156,15 @@ def levels(done: pd.DataFrame, column: str | None, metric: str = ACC) -> list[Le
     return out
 
 
+_UNSET = object()
+
+
 def sweep_findings(df: pd.DataFrame, eval_size: int | None, importances: dict | None = None,
-                   examples: dict | None = None, metric: str = ACC, direction: str = "maximize") -> list[str]:
+                   examples: dict | None = None, metric: str = ACC, direction: str = "maximize",
+                   verdict=_UNSET) -> list[str]:
     """Findings for one sweep (one study); `examples`: trial number -> its per-example results
-    (lora_sweep.record.read_examples), which turn on the paired tests of `metric`."""
+    (lora_sweep.record.read_examples), which turn on the paired tests of `metric`; `verdict`: their
+    verdict_of when the caller has it already."""
     done = complete(df)
     if not len(done) and len(df) and "eval_exact_match" in df and df["eval_exact_match"].notna().any():
         return [CHAT_FINDING]
@@ -169,7 +174,7 @@ def sweep_findings(df: pd.DataFrame, eval_size: int | None, importances: dict | 
     column = vary[0] if len(vary) == 1 else None
     numeric = column is not None and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in done[column])
     warning = paired.scale_warning(done, levels(done, column), column, numeric)
-    verdict = verdict_of(done, examples, metric, direction)
+    verdict = verdict_of(done, examples, metric, direction) if verdict is _UNSET else verdict
     if verdict is not None:
         lines = [_varied_line(vary, importances)] if len(vary) > 1 else []
         lines += paired.paired_lines(verdict, numeric)
@@ -219,13 +224,6 @@ def verdict_of(done: pd.DataFrame, examples: dict | None, metric: str = ACC,
     if knob:  # "r=8", not "8"
         lv = [replace(x, name=f"{knob}={x.name}") for x in lv]
     return paired.paired_verdict(done, lv, numeric, examples, metric, direction, knob)
-
-
-def paired_pick(df: pd.DataFrame, examples: dict | None, metric: str = ACC, direction: str = "maximize") -> Level | None:
-    """The configuration the paired findings recommend (report/recommend.py turns it into a trial);
-    None without per-example results."""
-    verdict = verdict_of(df, examples, metric, direction)
-    return None if verdict is None else verdict.pick
 
 
 def _varied_line(vary: list[str], importances: dict | None) -> str:

@@ -109,10 +109,9 @@ def _extras(first: compare.Runs, second: compare.Runs, r: compare.Comparison) ->
     ids = compare.shared_ids("eval_accuracy", first, second)
     a = first.frames[0].set_index("example_id").loc[ids]
     b = second.frames[0].set_index("example_id").loc[ids]
-    gold = a["label"].astype(str).to_numpy()
+    gold, pa, pb = compare.codes(a["label"], a["prediction"], b["prediction"])
     classes = np.unique(gold)
-    f1 = stats.paired_bootstrap(lambda g, p: stats.macro_f1(g, p, classes), (gold, a["prediction"].astype(str).to_numpy()),
-                                (gold, b["prediction"].astype(str).to_numpy()), level=r.level)
+    f1 = stats.paired_bootstrap(lambda g, p: stats.macro_f1(g, p, classes), (gold, pa), (gold, pb), level=r.level)
     la, lb = a["loss"].to_numpy(float), b["loss"].to_numpy(float)
     ok = np.isfinite(la) & np.isfinite(lb)
     loss = stats.paired_bootstrap(stats.mean, (la[ok],), (lb[ok],), level=r.level) if ok.any() else None

@@ -28,10 +28,24 @@ class Recommendation:
     confirmed: bool  # across seeds (a confirmation stage), not from one run
 
 
-def recommend(config: Config, study, confirmed: bool = True, v=None) -> Recommendation | None:
+UNSET = object()  # a verdict the caller has not computed (None: computed, and there is none)
+
+
+def search_verdict(config: Config, study):
+    """The search's paired verdict (findings.verdict_of over the stored trials and their examples), or None."""
+    from lora_sweep.report.findings import verdict_of
+    from lora_sweep.report.frame import load_examples, trials_frame
+
+    df = trials_frame(study)
+    if not len(df):
+        return None
+    return verdict_of(df, load_examples(config.study_dir, df), config.study.metric, config.study.direction)
+
+
+def recommend(config: Config, study, confirmed: bool = True, v=None, pv=UNSET) -> Recommendation | None:
     """The recommended configuration's search trial and why; None without a complete trial.
-    confirmed=False: the search's own pick, the confirmation stage left out; v: the confirmation's
-    verdict when the caller has it already (its bootstraps are the costly part)."""
+    confirmed=False: the search's own pick, the confirmation stage left out; v, pv: the confirmation's
+    and the search's verdicts when the caller has them already (their bootstraps are the costly part)."""
     from lora_sweep.report.confirm import verdict
 
     v = (v or verdict(config, study)) if confirmed else None
@@ -41,7 +55,7 @@ def recommend(config: Config, study, confirmed: bool = True, v=None) -> Recommen
                f"the cheapest configuration statistically indistinguishable from the best over "
                f"{len(v.best.values)} seeds (confirmation stage)")
         return Recommendation(study.trials[chosen.trial], how, True)
-    picked = _paired_pick(config, study)
+    picked = _paired_pick(config, study, search_verdict(config, study) if pv is UNSET else pv)
     if picked is not None:
         return picked
     best = best_trial(config, study)
@@ -71,17 +85,14 @@ def best_trial(config: Config, study):
     return best
 
 
-def _paired_pick(config: Config, study) -> Recommendation | None:
-    """One seed, paired tests: the findings' "cheapest of these" configuration, as a trial."""
-    from lora_sweep.report.findings import paired_pick
-    from lora_sweep.report.frame import load_examples, trials_frame
+def _paired_pick(config: Config, study, pv) -> Recommendation | None:
+    """Paired tests: the findings' "cheapest of these" configuration, as a trial (its best run)."""
+    from lora_sweep.report.frame import trials_frame
 
+    if pv is None:
+        return None
+    level = pv.pick
     df = trials_frame(study)
-    if not len(df):
-        return None
-    level = paired_pick(df, load_examples(config.study_dir, df), config.study.metric, config.study.direction)
-    if level is None:
-        return None
     done = df[df["trial"].isin(level.trials)]
     metric = done[config.study.metric].astype(float)
     number = int(done.loc[metric.idxmax() if config.study.direction == "maximize" else metric.idxmin(), "trial"])
@@ -92,22 +103,16 @@ def _paired_pick(config: Config, study) -> Recommendation | None:
                                                 f"from the {what}, {seeds}", False)
 
 
-def _disagreements(config: Config, study, v, r: Recommendation) -> list[str]:
+def _disagreements(v, pv, r: Recommendation) -> list[str]:
     """Up to five examples the recommended configuration and the best answer differently."""
     import lora_sweep.report.compare as compare
     import lora_sweep.report.paired as paired
-    from lora_sweep.report.findings import verdict_of
-    from lora_sweep.report.frame import load_examples, trials_frame
 
     if r.confirmed and v is not None and v.complete and v.recommended is not v.best:
         best, pick = v.best, v.recommended
         return paired.disagreement_lines(best.label, pick.label, compare.Runs(best.seeds, best.examples),
                                          compare.Runs(pick.seeds, pick.examples))
-    if r.confirmed:
-        return []
-    df = trials_frame(study)
-    pv = verdict_of(df, load_examples(config.study_dir, df), config.study.metric, config.study.direction)
-    if pv is None or pv.pick is pv.best:
+    if r.confirmed or pv is None or pv.pick is pv.best:
         return []
     i, j = pv.levels.index(pv.best), pv.levels.index(pv.pick)
     return paired.disagreement_lines(pv.best.name, pv.pick.name, pv.runs[i], pv.runs[j])
@@ -127,20 +132,22 @@ def export_command(config: Config) -> str:
     return " ".join(shlex.quote(p) if i else p for i, p in enumerate(parts))
 
 
-def section(config: Config, study) -> list[str]:
-    """The report's confirmation section (when the sweep has one) and its recommendation line."""
+def section(config: Config, study, pv=UNSET) -> list[str]:
+    """The report's confirmation section (when the sweep has one) and its recommendation line; pv: the
+    search's paired verdict when the caller has it."""
     from lora_sweep.report.confirm import section as confirmation, test_lines, verdict
 
     v = verdict(config, study)
+    pv = search_verdict(config, study) if pv is UNSET else pv
     lines = confirmation(v) + test_lines(v) if v is not None else []
-    r = recommend(config, study, v=v)
+    r = recommend(config, study, v=v, pv=pv)
     if r is None:
         return lines
     rec = TrialRecord.from_trial(r.trial)
     lines += ["", "## Recommendation", "",
               f"**{rec.label}** (trial #{r.trial.number}): {r.how}. `{export_command(config)}` writes it (adapter, "
               "any trained head, tokenizer, model card) and checks that it loads."]
-    lines += _disagreements(config, study, v, r)
+    lines += _disagreements(v, pv, r)
     if not r.confirmed:
         lines.append("One seed only: set study.confirm (e.g. `study.confirm={top_k: 3, seeds: 3}`) to re-train the "
                      "top configurations under more seeds before trusting a small difference.")

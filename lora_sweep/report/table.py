@@ -131,30 +131,27 @@ def markdown(config: Config, study: optuna.Study, df: pd.DataFrame, plots: list[
     done = complete(df)
     lines += ["", "## Findings", ""]
     examples = load_examples(config.study_dir, df) if examples is None else examples
+    pv = verdict_of(df, examples, config.study.metric, config.study.direction)  # once: findings, pick, test
     found = sweep_findings(df, _eval_size(study), param_importances(study, config.study.metric), examples,
-                           config.study.metric, config.study.direction)
+                           config.study.metric, config.study.direction, verdict=pv)
     if len(done):
         found.insert(len(found) - 1, pareto_sentence(done, pareto_mask(done)))
     lines += [f"- {f}" for f in found]
     from lora_sweep.report.recommend import section  # the confirmation stage, then the one recommendation
 
-    lines += section(config, study)
-    lines += heldout.section(held_out(config, df, examples))
+    lines += section(config, study, pv=pv)
+    lines += heldout.section(held_out(config, df, pv))
     lines += plots_section(plots)
     lines += problems_section(df)
     lines.append("")
     return "\n".join(lines)
 
 
-def held_out(config: Config, df: pd.DataFrame, examples: dict | None = None):
-    """The validation verdict repeated on the test split (heldout.Repeat), None without test results."""
-    if not len(df):
-        return None
-    examples = load_examples(config.study_dir, df) if examples is None else examples
-    tests = heldout.load_test_examples(config.study_dir, df)
-    if not tests:
-        return None
-    return heldout.repeat(verdict_of(df, examples, config.study.metric, config.study.direction), df, tests)
+def held_out(config: Config, df: pd.DataFrame, pv):
+    """The search's paired verdict `pv` (findings.verdict_of) repeated on the test split (heldout.Repeat),
+    None without it or without test results."""
+    tests = heldout.load_test_examples(config.study_dir, df) if pv is not None else {}
+    return heldout.repeat(pv, df, tests) if tests else None
 
 
 def notes_lines(df: pd.DataFrame) -> list[str]:
@@ -301,24 +298,23 @@ def publish(config: Config, study: optuna.Study, md: Path, tracker=None) -> None
 def summary(config: Config, study: optuna.Study) -> str:
     df = trials_frame(study)
     table = guide_table(df)
-    best = ""
+    best = test = ""
     done = df[df["status"] == "complete"]
     if len(done):
+        from lora_sweep.report.confirm import test_summary, verdict
         from lora_sweep.report.recommend import recommend  # the one pick; export uses it too
 
         metric = config.study.metric
-        chosen = recommend(config, study)
+        v = verdict(config, study)  # both verdicts once: the pick and the held-out line read them
+        pv = verdict_of(df, load_examples(config.study_dir, df), metric, config.study.direction)
+        chosen = recommend(config, study, v=v, pv=pv)
         picks = done.index[done["trial"] == chosen.trial.number] if chosen is not None else []
         value = done.loc[picks[0], metric] if len(picks) else math.nan
         best = (f"Recommended: {done.loc[picks[0], 'label']}, trial #{chosen.trial.number} ({metric}={value:.4f}): "
                 f"{chosen.how}\n" if not math.isnan(value) else "")
+        test = test_summary(v) or heldout.summary_line(held_out(config, df, pv))
     from lora_sweep.report.mlflow_view import browse_line
 
-    test = ""
-    if len(done):
-        from lora_sweep.report.confirm import test_summary, verdict
-
-        test = test_summary(verdict(config, study)) or heldout.summary_line(held_out(config, df))
     return "\n".join([
         "", to_markdown(table) if len(table) else "No complete trials.", "", best + (f"{test}\n" if test else "")
         + f"Report: {config.report_dir / 'report.md'} (and report.csv)",

@@ -266,7 +266,7 @@ def test_scrambled_test_results_change_no_choice(make_config, tmp_path):
     """Nothing that chooses reads the test split: with its stored results scrambled, the sampled parameters,
     the pruning decision, the confirmation queue and the recommendation stay the same (only the report's
     held-out section, which reads them, changes)."""
-    from lora_sweep.report.recommend import recommend
+    from lora_sweep.report.recommend import recommend, search_verdict
     from lora_sweep.report.table import held_out
     from lora_sweep.search import confirm
 
@@ -281,7 +281,7 @@ def test_scrambled_test_results_change_no_choice(make_config, tmp_path):
         stage = optuna.create_study(direction="maximize")
         queued = confirm.plan(config, study, stage, also=(recommend(config, study, confirmed=False).trial.number,))
         queue = sorted((t.user_attrs["confirms"], t.system_attrs["fixed_params"]["train.seed"]) for t in stage.get_trials())
-        rep = held_out(config, trials_frame(study))
+        rep = held_out(config, trials_frame(study), search_verdict(config, study))
         seen.append(((asked.params, pruned, queued, queue, recommend(config, study).trial.number),
                      (rep.pick_test, rep.results[0].estimate)))
     (kept, report), (kept_scrambled, report_scrambled) = seen
