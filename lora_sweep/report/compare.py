@@ -73,7 +73,7 @@ class Comparison:
     n: int               # examples both sides were scored on
     method: str          # "McNemar" | "paired bootstrap" | "two-level bootstrap"
     seeds: tuple         # (seeds of first, seeds of second)
-    mde: float           # the smallest |difference| detectable at 80% power at `level` (normal approximation)
+    mde: float           # the smallest |difference| detectable at 80% power at `level` (detectable(); NaN: none)
     b: int | None = None  # McNemar: examples first got right and second wrong ...
     c: int | None = None  # ... and the other way round
 
@@ -186,11 +186,18 @@ def _pair(metric: str, first: Runs, second: Runs, classes, resamples: int, seed:
     return d, d.p, "two-level bootstrap", len(ids), None
 
 
+def detectable(level: float, samples) -> float:
+    """The smallest |difference| a two-sided test at confidence `level` finds with 80% power (normal
+    approximation from the bootstrap spread); NaN where no resample differs (nothing to estimate it from)."""
+    from scipy.stats import norm
+
+    spread = float(np.std(samples, ddof=1)) if np.size(samples) > 1 else 0.0
+    return float((norm.ppf(1 - (1 - level) / 2) + norm.ppf(POWER)) * spread) if spread > 0 else float("nan")
+
+
 def family(metric: str, configs: list[Runs], pairs: list[tuple[int, int]], *, resamples: int = RESAMPLES,
            seed: int = 0, alpha: float = ALPHA) -> list[Comparison]:
     """Each (i, j) of `pairs` compared (configs[i] - configs[j]), Holm over exactly these comparisons."""
-    from scipy.stats import norm
-
     if not pairs:
         return []
     classes = classes_of(configs) if metric == "eval_f1" else None
@@ -201,10 +208,8 @@ def family(metric: str, configs: list[Runs], pairs: list[tuple[int, int]], *, re
     out = []
     for (i, j), (d, p, method, n, m), p_adj, level in zip(pairs, raw, adjusted, levels):
         low, high = d.interval(level)
-        spread = float(np.std(d.samples, ddof=1)) if d.samples.size > 1 else float("nan")
-        mde = (norm.ppf(1 - (1 - level) / 2) + norm.ppf(POWER)) * spread
         out.append(Comparison(i, j, d.estimate, p, p_adj, level, low, high, n, method,
-                              (configs[i].seeds, configs[j].seeds), float(mde),
+                              (configs[i].seeds, configs[j].seeds), detectable(level, d.samples),
                               m.b if m is not None else None, m.c if m is not None else None))
     return out
 

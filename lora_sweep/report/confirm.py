@@ -219,11 +219,8 @@ def test_lines(v: Verdict | None) -> list[str]:
 # -- the report's section ------------------------------------------------------------------------
 
 def detectable(c: Comparison) -> float:
-    """The smallest |difference| this comparison would find with 80% power at its Holm level (normal
-    approximation from the bootstrap spread)."""
-    from scipy.stats import norm
-
-    return float((norm.ppf(1 - (1 - c.level) / 2) + norm.ppf(compare.POWER)) * np.std(c.diff.samples, ddof=1))
+    """The smallest |difference| this comparison would find with 80% power at its Holm level (NaN: none)."""
+    return compare.detectable(c.level, c.diff.samples)
 
 
 def _fmt(metric: str, v: float) -> str:
@@ -260,7 +257,8 @@ def section(v: Verdict) -> list[str]:
     for c in v.comparisons:
         lines.append(f"| {c.other.label} | {_signed(m, c.diff.estimate)} | {_signed(m, c.low)} to "
                      f"{_signed(m, c.high)} ({100 * c.level:.1f}%) | {_p(c.p_adj)} | "
-                     f"{'yes' if c in _beaten(v) else 'no'} | {_fmt(m, detectable(c))} |")
+                     f"{'yes' if c in _beaten(v) else 'no'} | "
+                     f"{'n/a' if math.isnan(detectable(c)) else _fmt(m, detectable(c))} |")
     lines += ["", "**" + conclusion(v) + "**", "",
               f"_Procedure: for each comparison, a two-level paired bootstrap ({RESAMPLES:,} resamples): each "
               "resample draws each configuration's seeds with replacement (training noise) and one set of the "

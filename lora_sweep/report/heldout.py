@@ -71,7 +71,8 @@ def section(rep: Repeat | None) -> list[str]:
     v, m = rep.verdict, rep.verdict.metric
     est, low, high, n_eval, n_test = rep.optimism
     lines = ["", "## Held-out test split", "",
-             f"Each complete trial also scored {n_test:,} test examples (data.test_size) once, after training; the "
+             f"Each complete trial also scored the held-out test split (data.test_size) once, after training, "
+             f"{n_test:,} of its examples counting for {m}; the "
              "sampler, pruner, confirmation and recommendation never read them. The findings' comparisons of the "
              "search's runs, chosen and judged on validation, repeated on test (the same pairs, Holm over the same "
              "family):", "",

@@ -145,6 +145,8 @@ def _bound(metric: str, x: float) -> str:
 
 
 def detectable(metric: str, r: compare.Comparison) -> str:
+    if math.isnan(r.mde):  # every resample gave the same difference: no example tells the two apart
+        return "no example tells them apart, so no detectable difference can be estimated"
     return f"it could detect about {amount(metric, r.mde)} at 80% power"
 
 
@@ -176,6 +178,10 @@ def sentence(a, b, r: compare.Comparison, metric: str = "eval_accuracy", extras:
             f" ({detail}; {detectable(metric, r)})")
 
 
+def _could(metric: str, r: compare.Comparison) -> str:
+    return "no example tells them apart" if math.isnan(r.mde) else f"could detect about {amount(metric, r.mde)}"
+
+
 def _shown(metric: str, level) -> str:
     v = _value(level)
     return f"{100 * v:.1f}%" if metric in compare.CORRECTNESS else f"{v:.1f}" if metric == "eval_chrf" else f"{v:.4g}"
@@ -199,7 +205,7 @@ def paired_lines(v: PairedVerdict, numeric: bool, split: str = "eval") -> list[s
     text = f"Best configuration: {best.ref}, {value} with {best.pct:.2f}% of parameters trainable."
     if tied:
         could = {r.second: r for r in v.results[:v.n_best]}
-        shown = ", ".join(f"{x.name} (could detect about {amount(m, could[v.levels.index(x)].mde)})" for x in tied)
+        shown = ", ".join(f"{x.name} ({_could(m, could[v.levels.index(x)])})" for x in tied)
         text += (f" Not distinguishable from it (Holm-adjusted p≥0.05): {shown}"
                  + (f"; the cheapest of these is {pick.ref}, {pick.pct:.2f}% trainable."
                     if pick is not best else "; none trains 5% fewer parameters or more."))

@@ -148,7 +148,7 @@ def section(config: Config, study, pv=UNSET) -> list[str]:
               f"**{rec.label}** (trial #{r.trial.number}): {r.how}. `{export_command(config)}` writes it (adapter, "
               "any trained head, tokenizer, model card) and checks that it loads."]
     lines += _disagreements(v, pv, r)
-    if not r.confirmed:
+    if not r.confirmed and (pv is None or pv.pick.runs == 1):  # a pick over several seeds says so in r.how
         lines.append("One seed only: set study.confirm (e.g. `study.confirm={top_k: 3, seeds: 3}`) to re-train the "
                      "top configurations under more seeds before trusting a small difference.")
     return lines

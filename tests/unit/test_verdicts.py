@@ -343,6 +343,7 @@ def test_a_tiny_sweep_over_two_settings_and_two_seeds_recommends_a_configuration
     report = (config.report_dir / "report.md").read_text()
     assert "## Held-out test split" in report and "selection optimism" in report and "Test (%)" in report
     assert all(record.examples_path(config.study_dir, t.number, split="test").exists() for t in study.trials)
+    assert "One seed only" not in report                              # the pick rests on 2 seeds, and says so
 
 
 def test_the_model_card_counts_the_examples_the_accuracy_counts(make_config):
@@ -369,3 +370,16 @@ def test_the_model_card_counts_the_examples_the_accuracy_counts(make_config):
     assert f"75.0% (30/40); 95% Wilson interval {100 * low:.1f}–{100 * high:.1f}%" in card
     assert "held-out test accuracy | 50.0% (10/20)" in card
     assert "100 eval examples (40 of them generated and scored)" in card
+
+
+def test_configurations_no_example_tells_apart_get_no_detectable_difference():
+    """Bug: two configurations right and wrong on the very same examples (b = c = 0) have a bootstrap spread
+    of 0, and the finding said 'it could detect about 0.0 points', as if any difference would have shown."""
+    from lora_sweep.report import paired
+
+    same = frame(right_on(50, 30))
+    r = compare.family("eval_accuracy", [compare.Runs((1,), (same,)), compare.Runs((1,), (same.copy(),))], [(0, 1)])[0]
+    assert (r.b, r.c, r.p) == (0, 0, 1.0) and np.isnan(r.mde)
+    a, b = (findings.Level(n, 60.0, 1.0, 1.0, 1, (i,)) for i, n in enumerate(("a", "b")))
+    text = paired.sentence(a, b, r)
+    assert "no example tells them apart" in text and "0.0 points at 80% power" not in text
