@@ -171,9 +171,10 @@ def _write(config, trial, rec, settings, adapter: Path, work: Path, dest: Path, 
 def _scored(config, trial, settings, n_eval: int) -> int:
     """The examples the trial's eval accuracy counts: its scored per-example rows (a language model scores
     only the data.generate_size it generated), else the whole eval split for a classifier."""
-    path = record.examples_path(config.study_dir, trial.number)
-    if path.exists():
-        return int(record.read_examples(path)["correct"].notna().sum()) or n_eval
+    from lora_sweep.report.frame import scored_count
+
+    if record.examples_path(config.study_dir, trial.number).exists():
+        return scored_count(config.study_dir, trial.number) or n_eval
     if settings.lora.task_type != "SEQ_CLS" and settings.data.generate_size:
         return min(settings.data.generate_size, n_eval)
     return n_eval

@@ -93,6 +93,15 @@ def _scale(row) -> float | None:
         return None
 
 
+def scored_count(study_dir: Path, number: int) -> int | None:
+    """The eval examples trial `number`'s accuracy counts, from its per-example file (a language model scores
+    only the ones it generated); None without the file, or with nothing scored."""
+    path = record.examples_path(study_dir, number)
+    if not path.exists():
+        return None
+    return int(record.read_examples(path)["correct"].notna().sum()) or None
+
+
 def load_examples(study_dir: Path, df: pd.DataFrame) -> dict:
     """Trial number -> per-example results, for the complete trials that stored them."""
     out = {}

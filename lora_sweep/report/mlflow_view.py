@@ -78,9 +78,10 @@ def recommended_figures(config: Config, study) -> dict[str, float]:
 def scored_n(config: Config, study, number: int) -> int | None:
     """The examples trial `number`'s accuracy counts: its scored per-example rows (a language model
     scores only the generated ones), else eval_size for a classifier, else unknown."""
-    path = record.examples_path(config.study_dir, number)
-    if path.exists():
-        return int(record.read_examples(path)["correct"].notna().sum()) or None
+    from lora_sweep.report.frame import scored_count
+
+    if record.examples_path(config.study_dir, number).exists():
+        return scored_count(config.study_dir, number)
     meta = record.meta(study)
     n = meta.get("eval_size")
     return n if meta.get("task_type", "SEQ_CLS") == "SEQ_CLS" and isinstance(n, int) else None
