@@ -83,6 +83,20 @@ class TrialRecord:
     test_exact_match: float | None = None    # instruction/chat data: share of generated test answers that match
     test_n: int | None = None                # test examples scored for correctness (else: with a loss)
     test_seconds: float | None = None        # scoring the test split after training (in no other time)
+    # how the data was read (lora_sweep.trial.data): the same for every trial of a sweep
+    data_encoding: str = ""                  # the encoding a local file was read with (data.encoding=auto: detected)
+    bad_rows: dict = field(default_factory=dict)  # malformed records set aside: reason -> count
+    rows_set_aside: int | None = None        # rows whose label data.labels leaves out (not bad)
+    # generated answers (instruction/chat data): at the last generation over eval
+    answers_generated: int | None = None
+    answers_capped: int | None = None        # ... of which stopped at data.max_new_tokens, not at end of turn
+    # forgetting (CAUSAL_LM, data.retention_size): mean per-token loss on fixed general English passages
+    retention_loss: float | None = None      # the adapted model's
+    base_retention_loss: float | None = None # the base model's (the same passages, computed once a sweep)
+    forgetting: float | None = None          # mean over passages of adapted - base loss (> 0: forgot)
+    forgetting_low: float | None = None      # its 95% interval (paired bootstrap over passages)
+    forgetting_high: float | None = None
+    retention_n: int | None = None           # passages scored
     # how it ended, when not complete
     error: str | None = None                 # a failed trial's reason
     memory_after_mb: float | None = None     # process RSS after a failed trial released its memory
@@ -233,9 +247,9 @@ def examples_path(study_dir, number: int, stage: str = "", split: str = "eval") 
     """Where trial `number` of the study stored in `study_dir` keeps its per-example results
     (stage="confirm": a confirmation run, numbered in the companion study; split="test": those of
     the held-out test split, data.test_size)."""
-    if split not in ("eval", "test"):
-        raise ValueError(f"split={split!r}: per-example results are stored for 'eval' or 'test'")
-    folder = "examples" if split == "eval" else "examples-test"
+    if split not in ("eval", "test", "retention"):
+        raise ValueError(f"split={split!r}: per-example results are stored for 'eval', 'test' or 'retention'")
+    folder = "examples" if split == "eval" else f"examples-{split}"
     return Path(study_dir, stage) / folder / f"trial-{int(number)}.parquet"
 
 

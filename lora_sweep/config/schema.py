@@ -46,7 +46,7 @@ class DataConfig:
     name_or_path: str
     subset: str | None = None
     split: str = "train"
-    encoding: str | None = None
+    encoding: str = "auto"               # local files: auto = UTF-8 (BOM handled) if it decodes, else detected
     text_column: str = "text"
     label_column: str | None = "label"   # null: plain text (language modelling, CAUSAL_LM only)
     labels: tuple | None = None
@@ -67,12 +67,57 @@ class DataConfig:
     completion_column: str = "completion"  # ... and the answer the loss is on
     messages_column: str = "messages"    # messages: a list of {role, content}, rendered by the chat template
     truncation: str = "left"             # an example over max_length: cut its prompt from the left, or drop it
+    # Chat dialects: the key names of a turn and the data's role names -> system/user/assistant
+    # (ShareGPT: from/value, {human: user, gpt: assistant}); auto-detection fills them for ShareGPT.
+    role_key: str = "role"
+    content_key: str = "content"
+    roles: tuple | None = None           # ((their name, ours), ...); a mapping is accepted and frozen
+    # Malformed records (invalid JSON, undecodable, empty text/completion, broken csv fragments) that
+    # may be set aside, as a share of the records read; above it the sweep refuses before training.
+    max_bad_rows: float = 0.01
+    max_new_tokens: int = 64             # generated answers stop at end of sequence/turn, or after this many
+    # CAUSAL_LM: general English passages scored by the base and the adapted model (forgetting); 0 = off
+    retention_size: int = 32
+
+    def __post_init__(self):
+        if self.encoding is None:  # settings stored before data.encoding had auto
+            object.__setattr__(self, "encoding", "auto")
+        roles = self.roles
+        if isinstance(roles, dict):
+            roles = tuple(sorted((str(k), v) for k, v in roles.items()))
+        elif isinstance(roles, (list, tuple)):
+            roles = tuple(tuple(pair) if isinstance(pair, (list, tuple)) else pair for pair in roles)
+        object.__setattr__(self, "roles", roles)
+
+    def role_map(self) -> dict:
+        """data.roles as a dict (their role name -> system|user|assistant); {} when unset."""
+        return dict(self.roles or ())
 
     def validate(self) -> None:
         _one_of("data.format", self.format, DATA_FORMATS)
         _one_of("data.truncation", self.truncation, TRUNCATIONS)
         _one_of("data.generate_at", self.generate_at, GENERATE_AT)
-        for name in ("prompt_column", "completion_column", "messages_column"):
+        import codecs
+
+        if self.encoding != "auto":
+            try:
+                codecs.lookup(self.encoding)
+                ok = True
+            except (LookupError, TypeError):
+                ok = False
+            _require(ok, "data.encoding", self.encoding, "auto, or a codec Python knows (utf-8, latin-1, cp1252, ...)")
+        if self.roles is not None:
+            ok = all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) and p[1] in ("system", "user", "assistant")
+                     for p in self.roles)
+            _require(ok and self.roles, "data.roles", self.roles,
+                     "null or a mapping of the data's role names to system, user or assistant, e.g. {human: user, gpt: assistant}")
+        _require(_is_number(self.max_bad_rows) and 0 <= self.max_bad_rows <= 1, "data.max_bad_rows",
+                 self.max_bad_rows, "a share of the records between 0 and 1 (0.01 = 1%)")
+        _positive_int("data.max_new_tokens", self.max_new_tokens)
+        _require(isinstance(self.retention_size, int) and not isinstance(self.retention_size, bool)
+                 and self.retention_size >= 0, "data.retention_size", self.retention_size,
+                 "an integer >= 0 (0: no forgetting measure)")
+        for name in ("prompt_column", "completion_column", "messages_column", "role_key", "content_key"):
             _require(isinstance(getattr(self, name), str) and getattr(self, name), f"data.{name}",
                      getattr(self, name), "a column name")
         _require(isinstance(self.name_or_path, str) and self.name_or_path, "data.name_or_path",

@@ -170,12 +170,14 @@ class Objective:
         figures = result.figures.stored()
         record.write(trial, **figures, epochs=result.epochs, memory_kind=result.memory_kind,
                      batch_shapes=result.batch_shapes)
-        self.tracker.log_metrics(run.run_id, figures, step=result.steps[-1] if result.steps else len(result.epochs))
-        for split, frame in (("eval", result.examples), ("test", result.test_examples)):
+        numbers = {k: v for k, v in figures.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.tracker.log_metrics(run.run_id, numbers, step=result.steps[-1] if result.steps else len(result.epochs))
+        for split, frame in (("eval", result.examples), ("test", result.test_examples),
+                             ("retention", getattr(result, "retention_examples", None))):
             if frame is not None:  # per-example results: beside the study, and on the trial's run
                 path = record.write_examples(record.examples_path(self.examples_dir, trial.number, split=split), frame)
                 if self.config.tracking.log_artifacts:
-                    self.tracker.log_artifact(run.run_id, path, "examples" if split == "eval" else "examples-test")
+                    self.tracker.log_artifact(run.run_id, path, "examples" if split == "eval" else f"examples-{split}")
         if result.samples is not None:  # instruction/chat data: a few generations, in the run's Artifacts table view
             self.tracker.log_table(run.run_id, result.samples, "generation_samples.json")
         self.tracker.set_tags(run.run_id, {"status": record.Status.COMPLETE.value, "memory_kind": result.memory_kind})

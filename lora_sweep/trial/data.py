@@ -44,6 +44,11 @@ class Splits:
     test: object = None
     test_ids: list | None = None
     test_generate: dict | None = None
+    # how the source was read: the encoding used (local text files), malformed records set aside
+    # (reason -> count), and rows left out by data.labels (not malformed)
+    encoding: str = ""
+    bad_rows: dict | None = None
+    set_aside: int | None = None
 
 
 _ID = "__lora_sweep_example_id__"  # the source row number, carried through filtering and the split
@@ -69,7 +74,14 @@ def load_splits(config: DataConfig) -> Splits:
         if suffix not in _FILE_BUILDERS:
             raise ConfigError(f"data.name_or_path={config.name_or_path!r}: unsupported file type {suffix!r}; "
                               f"use one of {', '.join(_FILE_BUILDERS)}.")
-        kwargs = {"encoding": config.encoding} if suffix == ".csv" and config.encoding else {}
+        encoding = config.encoding
+        if encoding == "auto":  # interim: UTF-8 where the file decodes, else latin-1
+            try:
+                Path(source).read_bytes().decode("utf-8")
+                encoding = "utf-8"
+            except UnicodeDecodeError:
+                encoding = "latin-1"
+        kwargs = {"encoding": encoding} if suffix == ".csv" else {}
         ds = datasets.load_dataset(_FILE_BUILDERS[suffix], data_files=source, split="train", **kwargs)
     else:
         ds = datasets.load_dataset(source, config.subset, split=config.split)

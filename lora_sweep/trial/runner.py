@@ -24,6 +24,10 @@ LM_RESULT_KEYS = ("eval_perplexity", "examples_kept", "examples_prompt_truncated
 # The held-out test split's figures (data.test_size; TrialResult.test_metrics), each where it applies:
 # test_accuracy and test_f1 on labelled data, test_exact_match on instruction/chat data (as eval_*).
 TEST_KEYS = ("test_accuracy", "test_f1", "test_loss", "test_exact_match", "test_n", "test_seconds")
+# How the data was read, how generation ended, and forgetting (CAUSAL_LM, data.retention_size).
+DATA_KEYS = ("data_encoding", "bad_rows", "rows_set_aside", "answers_generated", "answers_capped")
+RETENTION_KEYS = ("retention_loss", "base_retention_loss", "forgetting", "forgetting_low", "forgetting_high",
+                  "retention_n")
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,17 @@ class Figures:
     test_exact_match: float | None = None
     test_n: int | None = None
     test_seconds: float | None = None
+    data_encoding: str | None = None
+    bad_rows: dict | None = None
+    rows_set_aside: int | None = None
+    answers_generated: int | None = None
+    answers_capped: int | None = None
+    retention_loss: float | None = None
+    base_retention_loss: float | None = None
+    forgetting: float | None = None
+    forgetting_low: float | None = None
+    forgetting_high: float | None = None
+    retention_n: int | None = None
 
     def stored(self, keys: tuple | None = None) -> dict:
         """The figures that apply (not None), optionally only `keys`."""
@@ -76,6 +91,9 @@ class TrialResult:
     # data.test_size: the held-out test split per example (EXAMPLE_COLUMNS), scored once after training
     # (its figures: the test_* fields of `figures`); None without a test split.
     test_examples: object = None
+    # data.retention_size (CAUSAL_LM): per passage (EXAMPLE_COLUMNS; label = the passage's hash, loss = the
+    # adapted model's mean token loss); its figures: the RETENTION_KEYS fields of `figures`.
+    retention_examples: object = None
 
     @property
     def metrics(self) -> dict:
@@ -155,6 +173,10 @@ def run_trial(settings: TrialSettings | Prepared, device: str, on_epoch: Callabl
         for count in ("kept", "prompt_truncated", "dropped"):  # train + eval (not test), after data.max_length
             if splits.length_counts:
                 values[f"examples_{count}"] = sum(splits.length_counts[k][count] for k in ("train", "eval"))
+        values.update(data_encoding=splits.encoding or None, bad_rows=splits.bad_rows,
+                      rows_set_aside=splits.set_aside)
+        values.update(answers_generated=getattr(task, "last_generated", None),
+                      answers_capped=getattr(task, "last_capped", None))
         if outcome.test_examples is not None:
             values.update(held_out_figures(outcome.test_examples, splits.format, splits.labels, outcome.test_seconds))
         saved = None

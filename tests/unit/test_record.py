@@ -18,7 +18,8 @@ import pytest
 
 from lora_sweep import record, report
 from lora_sweep.record import FIELDS, TrialRecord
-from lora_sweep.trial.runner import LM_RESULT_KEYS, RESULT_KEYS, TEST_KEYS, Figures, TrialResult
+from lora_sweep.trial.runner import (DATA_KEYS, LM_RESULT_KEYS, RESULT_KEYS, RETENTION_KEYS, TEST_KEYS, Figures,
+                                     TrialResult)
 
 ROOT = Path(__file__).resolve().parents[2]
 OLD_STUDY = ROOT / "tests" / "fixtures" / "old_study"
@@ -36,13 +37,16 @@ FULL = {"label": "r=8", "config": {"lora.r": 8}, "excluded": "rule: why", "warm_
         "lora_params": 4096, "test_accuracy": 0.85, "test_f1": 0.84, "test_loss": 0.35, "test_exact_match": 0.5,
         "test_n": 500, "test_seconds": 1.5,
         "error": "boom", "memory_after_mb": 655.1, "pruned_at_step": 4, "pruned_at_unit": "step",
-        "pruned_at_epoch": 2, "examples_kept": 118, "examples_prompt_truncated": 3, "examples_dropped": 2}
+        "pruned_at_epoch": 2, "examples_kept": 118, "examples_prompt_truncated": 3, "examples_dropped": 2,
+        "data_encoding": "utf-8", "bad_rows": {"invalid JSON": 1}, "rows_set_aside": 7, "answers_generated": 40,
+        "answers_capped": 2, "retention_loss": 3.1, "base_retention_loss": 3.0, "forgetting": 0.1,
+        "forgetting_low": 0.05, "forgetting_high": 0.15, "retention_n": 32}
 
 
 def test_full_covers_every_field_and_the_runners_results():
     assert set(FULL) == set(FIELDS)
     assert set(RESULT_KEYS + LM_RESULT_KEYS) <= set(FIELDS)  # a new result must get a field (and a csv column)
-    assert set(TEST_KEYS) <= set(FIELDS)
+    assert set(TEST_KEYS + DATA_KEYS + RETENTION_KEYS) <= set(FIELDS)
 
 
 def test_test_split_examples_are_stored_apart_from_eval(tmp_path):
@@ -145,7 +149,7 @@ def test_every_figure_a_trial_returns_is_a_record_field():
     from dataclasses import fields
 
     assert {f.name for f in fields(Figures)} <= set(FIELDS)
-    assert {f.name for f in fields(Figures)} == set(RESULT_KEYS + LM_RESULT_KEYS + TEST_KEYS)
+    assert {f.name for f in fields(Figures)} == set(RESULT_KEYS + LM_RESULT_KEYS + TEST_KEYS + DATA_KEYS + RETENTION_KEYS)
 
 
 def test_study_attributes_have_one_accessor_each():
