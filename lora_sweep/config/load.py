@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from lora_sweep.config.checks import ConfigError, _build, _one_of, _require, flatten, flatten_paths
-from lora_sweep.config.names import CHAT_FORMATS, MODES, METRIC_DIRECTIONS, metric_names
+from lora_sweep.config.names import CHAT_DIALECTS, CHAT_FORMATS, MODES, METRIC_DIRECTIONS, metric_names
 from lora_sweep.config.schema import (_GROUP_TYPES, Config, ExportConfig, Paths, ReportConfig, StudyConfig, TrackingConfig,
                                       TrialSettings, UiConfig, Variant)
 
@@ -71,8 +71,8 @@ def from_mapping(raw: Mapping[str, Any], overrides: Sequence[str] = ()) -> Confi
 
 def _check_metric(study: StudyConfig, base: TrialSettings) -> None:
     # data.format=auto: instruction/chat data is only known once loaded (lora_sweep.trial.runner.check_data)
-    labelled = base.data.label_column is not None and base.data.format not in CHAT_FORMATS + ("text",)
-    available = metric_names(base.lora.task_type, labelled=labelled, chat=base.data.format in CHAT_FORMATS)
+    labelled = base.data.label_column is not None and base.data.format not in CHAT_FORMATS + CHAT_DIALECTS + ("text",)
+    available = metric_names(base.lora.task_type, labelled=labelled, chat=base.data.format in CHAT_FORMATS + CHAT_DIALECTS)
     if base.data.format == "auto" and base.lora.task_type == "CAUSAL_LM" and study.metric in metric_names(
             "CAUSAL_LM", chat=True):
         return  # a generation metric may fit instruction/chat data, known once loaded: runner.check_data decides

@@ -17,8 +17,10 @@ QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 MODES = ("sweep", "report", "export", "ui")
 # data.format: the shape of the examples (lora_sweep/trial/chat.py); auto detects it from the columns
-DATA_FORMATS = ("auto", "labelled", "text", "prompt_completion", "messages")
+DATA_FORMATS = ("auto", "labelled", "text", "prompt_completion", "messages", "sharegpt", "alpaca")
 CHAT_FORMATS = ("prompt_completion", "messages")  # instruction / chat data: CAUSAL_LM, loss on the answer
+# instruction / chat data read as messages (chat.check_rows converts them): Splits.format never holds these
+CHAT_DIALECTS = ("sharegpt", "alpaca")
 # data.generate_at: generate at every evaluation or the last only; auto = every on labelled data (one-word answers), last on instruction/chat data
 GENERATE_AT = ("auto", "every", "last")
 TRUNCATIONS = ("left", "drop")  # data.truncation: an over-long example's prompt is cut from the left, or it is dropped

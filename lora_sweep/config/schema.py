@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 from lora_sweep.config.checks import (ConfigError, _bool, _build, _is_number, _normalise, _one_of,
                                       _positive_int, _require)
-from lora_sweep.config.names import (BIAS_CHOICES, CHAT_FORMATS, COMPUTE_DTYPES, DATA_FORMATS, DEVICES,
+from lora_sweep.config.names import (BIAS_CHOICES, CHAT_DIALECTS, CHAT_FORMATS, COMPUTE_DTYPES, DATA_FORMATS, DEVICES,
                                      GENERATE_AT, MIXED_PRECISION, QUANT_TYPES, SAMPLING_STRATEGIES, TASK_TYPES,
                                      TRUNCATIONS)
 from lora_sweep.config.paths import check_local
@@ -333,7 +333,7 @@ class TrialSettings:
             raise ConfigError(f"data.label_column=None (plain text) works only with lora.task_type=CAUSAL_LM "
                               f"(language modelling), but got lora.task_type={self.lora.task_type!r}. Name the "
                               f"label column, or set lora.task_type=CAUSAL_LM.")
-        if self.data.format in CHAT_FORMATS and self.lora.task_type != "CAUSAL_LM":
+        if self.data.format in CHAT_FORMATS + CHAT_DIALECTS and self.lora.task_type != "CAUSAL_LM":
             raise ConfigError(f"data.format={self.data.format!r} (instruction/chat data) works only with "
                               f"lora.task_type=CAUSAL_LM, but got lora.task_type={self.lora.task_type!r}.")
         _require(self.data.format != "labelled" or self.data.label_column is not None, "data.label_column",

@@ -11,10 +11,17 @@ their columns, trained with the loss on the answer only.
   of the whole rendering; that prefix is masked and what follows (the answer and its end-of-turn
   tokens) is trained on.
 
-data.format=auto picks the shape from the columns (data.messages_column first, then
-data.prompt_column + data.completion_column); every row is checked when the data is loaded, before
-any training (roles system/user/assistant, system only first, ending in an assistant turn, non-empty
-string contents and completions): a bad row raises ConfigError with its row number.
+Two more shapes are read as messages: ShareGPT (a `conversations` column of {from, value} turns,
+roles human/gpt/system) and Alpaca (instruction, optional input, output: user = the instruction, then
+the input on a new line; assistant = the output; a tokenizer without a chat template gets the Stanford
+Alpaca prompt instead, the output + EOS as the answer). Other chat dialects map their turn keys and
+role names with data.role_key, data.content_key and data.roles.
+
+data.format=auto picks the shape from the columns (data.messages_column first, then `conversations`,
+Alpaca's instruction + output, data.prompt_column + data.completion_column); every row is checked when
+the data is loaded, before any training (roles system/user/assistant, system only first, ending in an
+assistant turn, non-empty string contents and completions): a bad row raises ConfigError with its row
+number, counted from 1. Refusals list the user's own columns and name the mapping a near miss needs.
 
 An example longer than data.max_length is never cut silently: with data.truncation=left its prompt
 loses tokens from the left (a leading BOS stays), with drop the example is dropped; the answer is
@@ -28,12 +35,13 @@ import logging
 
 from lora_sweep.config import ConfigError, DataConfig
 from lora_sweep.config.names import CHAT_FORMATS
+from lora_sweep.trial.shapes import (ALPACA, ROLES, alpaca_prompt, check_conversation, check_rows,  # noqa: F401
+                                     data_format, detect, split)
 from lora_sweep.trial.tasks import IGNORE, CausalLM, Task
 from lora_sweep.trial.tasks import get_task as task_for
 
 log = logging.getLogger(__name__)
 
-ROLES = ("system", "user", "assistant")
 SOURCE = "__source_index__"       # an encoded example's position in its raw split (dropped rows leave gaps)
 SAMPLE_ROWS = 5  # generations in the trial's sample table (prompt, reference, output)
 TRUNCATED = "__prompt_truncated__"  # whether its prompt was cut from the left to fit data.max_length
@@ -49,93 +57,23 @@ def get_task(task_type: str, data: DataConfig, shape: str) -> Task:
     return ChatLM(data, shape)
 
 
-def detect(columns: list[str], config: DataConfig) -> str:
-    """The data's shape (names.DATA_FORMATS less auto) from its columns and data.format."""
-    cols = set(columns)
-    pair = {config.prompt_column, config.completion_column}
-    need = {"messages": {config.messages_column}, "prompt_completion": pair,
-            "labelled": {config.text_column, config.label_column}, "text": {config.text_column}}
-    shape = config.format
-    if shape == "auto":
-        if config.messages_column in cols:
-            shape = "messages"
-        elif pair <= cols:
-            shape = "prompt_completion"
-        elif config.label_column is not None and need["labelled"] <= cols:
-            shape = "labelled"
-        elif config.label_column is None and config.text_column in cols:
-            shape = "text"
-        else:
-            raise ConfigError(
-                f"data.name_or_path={config.name_or_path!r}: no recognisable columns. Found: "
-                f"{', '.join(columns) or 'none'}. Accepted: {config.messages_column!r} (data.messages_column: "
-                f"chat messages), {config.prompt_column!r} + {config.completion_column!r} (data.prompt_column, "
-                f"data.completion_column: instruction pairs), {config.text_column!r} + {config.label_column!r} "
-                f"(data.text_column, data.label_column: labelled text), or {config.text_column!r} with "
-                f"data.label_column=null (plain text); or set data.format and the column names.")
-    missing = sorted(c for c in need[shape] if c is not None and c not in cols)
-    if missing:
-        raise ConfigError(f"data.format={config.format!r}: {config.name_or_path!r} lacks the column(s) "
-                          f"{', '.join(map(repr, missing))} that {shape} data needs; its columns are: "
-                          f"{', '.join(columns)}.")
-    return shape
 
-
-def check_rows(ds, shape: str, config: DataConfig, id_column: str):
-    """ds reduced to the shape's standard columns (prompt, completion | messages) and the id column,
-    every row checked; a bad row raises ConfigError naming the field, the row and what is allowed."""
-    if shape == "prompt_completion":
-        ds = ds.select_columns([config.prompt_column, config.completion_column, id_column])
-        for field, col in (("prompt", config.prompt_column), ("completion", config.completion_column)):
-            for row, value in zip(ds[id_column], ds[col]):
-                if not isinstance(value, str) or not value.strip():
-                    raise ConfigError(f"data.{field}_column={col!r}: row {row} of {config.name_or_path} holds "
-                                      f"{value!r}; every {field} must be a non-empty string.")
-        renames = {config.prompt_column: "prompt", config.completion_column: "completion"}
-    else:
-        ds = ds.select_columns([config.messages_column, id_column])
-        for row, messages in zip(ds[id_column], ds[config.messages_column]):
-            check_conversation(messages, f"data.messages_column={config.messages_column!r}: row {row} of "
-                                         f"{config.name_or_path}")
-        renames = {config.messages_column: "messages"}
-    return ds.rename_columns({k: v for k, v in renames.items() if k != v})
-
-
-def check_conversation(messages, where: str) -> None:
-    """lora-sweep's own check, since a chat template renders anything it is given."""
-    if not isinstance(messages, list) or not messages:
-        raise ConfigError(f"{where} holds {messages!r}; allowed: a non-empty list of {{role, content}} turns.")
-    for i, turn in enumerate(messages):
-        role = turn.get("role") if isinstance(turn, dict) else None
-        content = turn.get("content") if isinstance(turn, dict) else None
-        if role not in ROLES:
-            raise ConfigError(f"{where}, turn {i}: role {role!r}; allowed: {', '.join(ROLES)}.")
-        if role == "system" and i > 0:
-            raise ConfigError(f"{where}, turn {i}: a system turn; allowed only as the first turn.")
-        if not isinstance(content, str) or not content.strip():
-            raise ConfigError(f"{where}, turn {i} ({role}): content {content!r}; allowed: a non-empty string.")
-    if messages[-1]["role"] != "assistant":
-        raise ConfigError(f"{where}: the conversation ends with a {messages[-1]['role']!r} turn; it must end "
-                          f"with the assistant turn the model is trained to write.")
-
-
-def split(ds, config: DataConfig):
-    """Checked rows (check_rows) -> a seeded random train/eval split (datasets' train_test_split result)."""
-    need = config.train_size + config.eval_size
-    if need > len(ds):
-        raise ConfigError(f"data.train_size + data.eval_size = {need} but {config.name_or_path} has only "
-                          f"{len(ds)} examples. Lower the sizes.")
-    return ds.train_test_split(train_size=config.train_size, test_size=config.eval_size, seed=config.seed)
-
-
-# -- tokens --------------------------------------------------------------------------------------
 
 def render(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
     """(prefix, answer) token ids of a conversation: the prefix is everything up to the last assistant
-    turn with the template's generation prompt; the answer is the rest of the full rendering."""
+    turn with the template's generation prompt; the answer is the rest of the full rendering. An Alpaca
+    row on a tokenizer without a chat template: the Stanford Alpaca prompt, the output + EOS."""
+    alpaca = messages[0].get(ALPACA) if isinstance(messages[0], dict) else None
     if not getattr(tokenizer, "chat_template", None):
+        if alpaca and len(messages) == 2:
+            eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+            prefix = tokenizer(alpaca_prompt(alpaca["instruction"], alpaca["input"]))["input_ids"]
+            return prefix, tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"] + eos
         raise ConfigError("model.name_or_path: its tokenizer has no chat template, which messages data needs; "
-                          "use an Instruct/chat model, or give the data as prompt + completion columns.")
+                          "use an Instruct/chat model, or give the data as prompt + completion columns (or as "
+                          "Alpaca's instruction + output, which render with the Alpaca prompt).")
+    if ALPACA in messages[0]:  # the Alpaca parts are for the fallback above, not for the template
+        messages = [{k: v for k, v in turn.items() if k != ALPACA} for turn in messages]
     # tokenize=False, then tokenize without special tokens: what apply_chat_template itself does
     prefix_text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
     full_text = tokenizer.apply_chat_template(messages, tokenize=False)
@@ -207,12 +145,17 @@ class ChatLM(CausalLM):
 
     def generation_set(self, dataset, tokenizer, labels: tuple):
         """The first data.generate_size kept eval examples: prompt ids, reference answers (text), their
-        source indices (data.tokenized turns them into example ids)."""
+        source indices (data.tokenized turns them into example ids), and how answers end: at EOS or the
+        template's end of turn (tasks.end_ids), else after data.max_new_tokens. The cap is a setting, not
+        the references' length: that leaked eval answers into generation and cut longer answers short."""
+        from lora_sweep.trial.tasks import end_ids
+
         rows = self.fitted(dataset, tokenizer)[:self.data.generate_size or None]
         references = (list(dataset["completion"]) if self.shape == "prompt_completion"
                       else [m[-1]["content"] for m in dataset["messages"]])
         return {"prompt_ids": [p for _, p, _, _ in rows], "references": [references[i] for i, *_ in rows],
-                "max_new_tokens": max((len(a) for *_, a, _ in rows), default=1), SOURCE: [i for i, *_ in rows]}
+                "max_new_tokens": self.data.max_new_tokens,
+                "eos_token_id": end_ids(tokenizer, [a for *_, a, _ in rows]), SOURCE: [i for i, *_ in rows]}
 
     def epoch_metrics(self, trainer_metrics: dict, model, tokenizer, generate, batch_size: int,
                       labels: tuple) -> dict:
@@ -224,8 +167,9 @@ class ChatLM(CausalLM):
         loss = float(trainer_metrics["eval_loss"])
         row = {"eval_loss": loss, "eval_perplexity": perplexity(loss)}
         if generate is not None:  # None: the trial does not generate at this evaluation (data.generate_at)
-            answers = self.generate_answers(model, tokenizer, generate, batch_size)
+            answers, capped = self.generate_counted(model, tokenizer, generate, batch_size)
             self.last_answers = answers
+            self.last_generated, self.last_capped = len(answers), capped  # runner.run_trial records them
             row.update(generation_scores(answers, generate["references"]))
             shown = generate["prompt_ids"][:SAMPLE_ROWS]
             self.last_samples = pd.DataFrame({

@@ -66,12 +66,12 @@ def test_bad_rows_are_refused_when_the_data_loads(tmp_path):
     rows = lm_assets.instruction_rows(10)
     rows[3]["completion"] = ""
     path = lm_assets.write_jsonl(tmp_path / "pairs.jsonl", rows)
-    with pytest.raises(ConfigError, match=r"data.completion_column='completion': row 3 .* holds ''; every "
+    with pytest.raises(ConfigError, match=r"data.completion_column='completion': line 4 .* holds ''; every "
                                           r"completion must be a non-empty string"):
         data.load_splits(DataConfig(name_or_path=str(path), train_size=6, eval_size=2))
     chats = [{"messages": CONVERSATION} for _ in range(5)] + [{"messages": CONVERSATION[:-1]}]
     path = lm_assets.write_jsonl(tmp_path / "chats.jsonl", chats)
-    with pytest.raises(ConfigError, match="row 5 .*ends with a 'user' turn"):
+    with pytest.raises(ConfigError, match="line 6 .*ends with a 'user' turn"):
         data.load_splits(DataConfig(name_or_path=str(path), train_size=4, eval_size=2))
 
 
@@ -224,7 +224,7 @@ def test_the_sweep_refuses_bad_chat_data_before_training(raw_config, llama, tmp_
     raw["lora"].update(task_type="CAUSAL_LM")
     raw["study"] = {**raw["study"], "metric": "eval_loss", "direction": "minimize"}
     config = from_mapping(raw)
-    with pytest.raises(ConfigError, match="row 6 .*turn 1: role 'tool'"):
+    with pytest.raises(ConfigError, match="line 7 .*turn 1: role 'tool'"):
         preflight(config, SearchSpace(config))
     raw["data"]["train_size"], raw["lora"]["task_type"] = 3, "SEQ_CLS"  # the good rows, a classifier
     raw["study"] = {**raw["study"], "metric": "eval_accuracy", "direction": "maximize"}
