@@ -119,26 +119,37 @@ class Task:
     shifted = True  # decoder-only: token t predicts label t + 1
 
     def generate_answers(self, model, tokenizer, generate: dict, batch_size: int) -> list[str]:
-        """Greedy answers to generate["prompt_ids"], at most as long as the longest label's tokens."""
+        """Greedy answers to generate["prompt_ids"] (generate_counted without the count)."""
+        return self.generate_counted(model, tokenizer, generate, batch_size)[0]
+
+    def generate_counted(self, model, tokenizer, generate: dict, batch_size: int) -> tuple[list[str], int]:
+        """(answers, capped): greedy answers to generate["prompt_ids"], left-padded in batches, each ending
+        at one of generate["eos_token_id"] (where given; else the model's own EOS) or after
+        generate["max_new_tokens"] tokens; capped counts the answers that hit that cap without ending
+        (0 where no eos_token_id list is given: the labelled tasks' cap is their longest label)."""
         import torch
 
-        prompts = generate["prompt_ids"]
+        prompts, cap = generate["prompt_ids"], generate["max_new_tokens"]
+        stop = list(generate.get("eos_token_id") or [])
+        extra = {"eos_token_id": stop} if stop else {}  # generate takes a list: any of them ends a sequence
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        out = []
+        out, capped = [], 0
         try:
             with torch.no_grad():
                 for i in range(0, len(prompts), batch_size):
                     batch = tokenizer.pad({"input_ids": prompts[i:i + batch_size]}, padding_side="left",
                                           return_tensors="pt").to(device)
-                    generated = model.generate(**batch, max_new_tokens=generate["max_new_tokens"],
-                                               do_sample=False, pad_token_id=tokenizer.pad_token_id)
-                    out += [t.strip() for t in tokenizer.batch_decode(self.new_tokens(generated, batch),
-                                                                     skip_special_tokens=True)]
+                    generated = model.generate(**batch, max_new_tokens=cap, do_sample=False,
+                                               pad_token_id=tokenizer.pad_token_id, **extra)
+                    new = self.new_tokens(generated, batch)
+                    if stop and new.shape[1] >= cap:  # a shorter batch ended every answer before the cap
+                        capped += int((~torch.isin(new, torch.tensor(stop, device=new.device))).all(-1).sum())
+                    out += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
         finally:
             model.train(was_training)
-        return out
+        return out, capped
 
     def new_tokens(self, generated, batch):
         return generated[:, batch["input_ids"].shape[1]:]  # decoder-only: the prompt comes back first
@@ -314,6 +325,21 @@ class Seq2SeqLM(CausalLM):
         return generated  # the decoder's output is the answer alone
 
     shifted = False  # the decoder's token t predicts label t
+
+
+def end_ids(tokenizer, answers: list[list[int]]) -> list[int]:
+    """The tokens that end a generated answer: the tokenizer's EOS and the special token that closes
+    each trained answer (EOS after a completion; the chat template's end of turn, e.g. ChatML's
+    <|im_end|>, after a rendered assistant turn), so generation stops where training taught it to."""
+    special = set(tokenizer.all_special_ids) | {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
+                                                if getattr(t, "special", False)}
+    special.discard(tokenizer.unk_token_id)  # an unknown word inside the answer ends nothing
+    out = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for answer in answers:
+        last = next((t for t in reversed(answer) if t in special), None)
+        if last is not None and last not in out:
+            out.append(last)
+    return out
 
 
 def example_losses(trainer, eval_set, shifted: bool) -> list[float]:
