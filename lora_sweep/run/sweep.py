@@ -133,7 +133,7 @@ def _run(config: Config, space: SearchSpace, sampler: str, device: str, orphans:
             tracker = Tracker(config.tracking_uri, config.experiment_name,
                               config.paths.sweeps_dir / "mlartifacts")
             meta = _meta(config, sampler, device)
-            config = _with_precision(config, study, device)  # decided once a study, under this lock
+            config = _with_precision(config, study, device, planned=n)  # decided once a study, under this lock
             space = SearchSpace(config)
             if not record.has_meta(study):
                 record.set_meta(study, meta)
@@ -221,16 +221,18 @@ def _search(config: Config, space: SearchSpace, study: optuna.Study, objective, 
         pass
 
 
-def _with_precision(config: Config, study: optuna.Study, device: str) -> Config:
-    """train.mixed_precision=auto on a CPU: the study's stored bf16-or-fp32 decision (timed here the
-    first time), written into the config every trial is built from. Other settings pass unchanged."""
+def _with_precision(config: Config, study: optuna.Study, device: str, planned: int = 1) -> Config:
+    """train.mixed_precision=auto on a CPU: the study's stored bf16-or-fp32 decision (the first time:
+    this machine's cached one, else a probe bounded by `planned` trials' expected training time; see
+    lora_sweep.trial.precision), written into the config every trial is built from. Other settings
+    pass unchanged."""
     train = config.base.train
     if train.mixed_precision != "auto" or device != "cpu":
         log.info("Precision: %s (train.mixed_precision=%s)", precision_name(train, device), train.mixed_precision)
         return config
     decision = record.precision(study)
     if not decision:
-        decision = precision.decide(config.base)
+        decision = precision.choose(config.base, planned)
         record.set_precision(study, decision)
     log.info("Precision: %s (train.mixed_precision=auto%s)", precision.describe(decision), "" if "fp32_s" not in
              decision else f"; a training step took {decision['fp32_s']:.3f} s in fp32, {decision['bf16_s']:.3f} s in bf16")

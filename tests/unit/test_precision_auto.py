@@ -1,4 +1,4 @@
-"""train.mixed_precision=auto on a CPU: bf16 against fp32 timed once a study, at the trial's shapes,
+"""train.mixed_precision=auto on a CPU: bf16 against fp32 timed once a study, at a small probe shape,
 chosen at >= 1.3x, stored on the study, reused by every later start, recorded on each trial."""
 
 from __future__ import annotations
@@ -13,17 +13,24 @@ from test_search_tiny import tiny_config  # noqa: F401  (whole tiny sweeps)
 from test_trial_tiny import assets  # noqa: F401  (the tiny model and csv fixture)
 
 
+@pytest.fixture(autouse=True)
+def own_cache(monkeypatch, tmp_path):
+    """Each test its own per-machine precision cache (lora_sweep.trial.precision.cache_file)."""
+    monkeypatch.setenv(precision.CACHE_ENV, str(tmp_path / "cache"))
+
+
 @pytest.fixture
 def probe(monkeypatch):
-    """Replace the timing with fixed (fp32 s, bf16 s); counts its calls."""
+    """Replace the timing with fixed (fp32 s, bf16 s), a completed probe; counts its calls."""
     class Calls(list):
         times = (1.31, 1.0)
 
     calls = Calls()
 
-    def fake(settings, repeats=3):
+    def fake(settings, planned=1, repeats=3):
         calls.append(settings)
-        return calls.times
+        return {"fp32_s": calls.times[0], "bf16_s": calls.times[1], "spent_s": 1.0, "budget_s": 10.0,
+                "expected_s": 1000.0, "complete": True}
 
     monkeypatch.setattr(precision, "time_steps", fake)
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
@@ -71,7 +78,7 @@ def test_a_sweep_stores_the_decision_and_records_it_per_trial_and_in_the_report(
     assert len(probe) == 1 and record.precision(study)["choice"] == "bf16"
     assert [record.TrialRecord.from_trial(t).precision for t in study.trials] == ["bf16"]
     device = next(line for line in (config.report_dir / "report.md").read_text().splitlines() if "Device" in line)
-    assert "bf16 chosen: 1.31x faster than fp32 at 16x16" in device
+    assert "bf16 chosen: 1.31x faster than fp32 at 4x16" in device
     probe.times = (1.0, 1.0)  # a resume (any worker) reads the stored decision from the storage, no new timing
     stored = optuna.load_study(study_name=study.study_name, storage=config.storage_url)
     assert sweep._with_precision(config, stored, "cpu").base.train.mixed_precision == "bf16" and len(probe) == 1
@@ -79,5 +86,5 @@ def test_a_sweep_stores_the_decision_and_records_it_per_trial_and_in_the_report(
 
 def test_the_real_probe_times_a_training_step_of_the_tiny_model(tiny_config):  # noqa: F811
     settings = tiny_config({}, {"name": "probe"}).base
-    fp32_s, bf16_s = precision.time_steps(settings, repeats=1)
-    assert fp32_s > 0 and bf16_s > 0
+    m = precision.time_steps(settings, planned=10**6, repeats=1)  # a sweep large enough for the full budget
+    assert m["complete"] and m["fp32_s"] > 0 and m["bf16_s"] > 0 and m["spent_s"] <= precision.BUDGET_S
