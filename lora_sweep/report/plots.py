@@ -25,6 +25,7 @@ TITLES = {
     "cost.png": "Peak memory and training time per epoch",
     "param_importances.png": "Parameter importances for accuracy (fANOVA)",
     "parallel_coordinate.png": "Parallel coordinates",
+    "forgetting.png": "Task metric vs forgetting of general English",  # lora_sweep.report.forgetting.plot
 }
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from lora_sweep.config import TrialSettings
-from lora_sweep.trial import adapters, chat, data, models
+from lora_sweep.trial import adapters, chat, data, models, retention
 from lora_sweep.trial.dropout import use_fast_dropout
 from lora_sweep.trial.metrics import PeakMemory, release_memory
 from lora_sweep.trial.train import train
@@ -144,6 +144,8 @@ def run_trial(settings: TrialSettings | Prepared, device: str, on_epoch: Callabl
     del ready
     model = peft_model = None
     try:
+        # before LoRA wraps anything (a 4-bit base is this trial's own model) and outside the peak memory
+        base_scores = retention.base_losses(base, settings, device) if retention.applies(settings) else None
         with PeakMemory(device) as memory:
             model = models.fresh_copy(base)
             set_seed(settings.train.seed)  # same LoRA init and batch order wherever the trial runs
@@ -179,6 +181,10 @@ def run_trial(settings: TrialSettings | Prepared, device: str, on_epoch: Callabl
                       answers_capped=getattr(task, "last_capped", None))
         if outcome.test_examples is not None:
             values.update(held_out_figures(outcome.test_examples, splits.format, splits.labels, outcome.test_seconds))
+        kept = None
+        if base_scores is not None:  # data.retention_size: forgetting of general English (trial/retention.py)
+            kept = retention.measure(peft_model, base.tokenizer, settings, device, base_scores)
+            values.update(kept.figures)
         saved = None
         if adapter_dir is not None:
             peft_model.save_pretrained(adapter_dir)
@@ -188,7 +194,8 @@ def run_trial(settings: TrialSettings | Prepared, device: str, on_epoch: Callabl
         result = TrialResult(figures=Figures(**values), epochs=outcome.epochs, steps=outcome.steps,
                              target_modules=targets.names, memory_kind=memory.kind, adapter_dir=saved,
                              batch_shapes=outcome.batch_shapes, examples=outcome.examples,
-                             samples=getattr(task, "last_samples", None), test_examples=outcome.test_examples)
+                             samples=getattr(task, "last_samples", None), test_examples=outcome.test_examples,
+                             retention_examples=kept.examples if kept is not None else None)
         return result
     finally:
         del model, peft_model
@@ -255,6 +262,8 @@ def check_data(settings: TrialSettings, metric: str, tokenizer=None) -> None:
     if metric not in allowed:
         raise ConfigError(f"study.metric={metric!r}: {settings.data.name_or_path} holds {shape} data, on which "
                           f"a trial measures {', '.join(allowed)}.")
+    if retention.applies(settings):  # data.retention_size within the passages there are, before any training
+        retention.passages(settings.data.retention_size)
     if shape not in CHAT_FORMATS:
         return
     if tokenizer is not None:

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from lora_sweep.trial import data
-from lora_sweep.trial import models
+from lora_sweep.trial import models, retention
 from lora_sweep.config import from_mapping
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -69,6 +69,7 @@ def fresh_caches():
     """Per-process caches of base models and tokenized data, emptied so tests never share them."""
     models.clear_cache()
     data.clear_cache()
+    retention.clear_cache()
     yield
     models.clear_cache()
     data.clear_cache()
