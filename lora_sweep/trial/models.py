@@ -141,6 +141,8 @@ def _load(config: ModelConfig, labels: tuple, seed: int, task_type: str):
         **task.model_kwargs(labels), **kwargs)
     if "gguf_file" in kwargs:
         _as_float_checkpoint(model)
+    elif os.path.isdir(path):  # an adapter records this as its base_model_name_or_path: absolute, loadable anywhere
+        model.name_or_path = model.config._name_or_path = os.path.abspath(path)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     # mismatched_keys come as (name, checkpoint shape, model shape)
