@@ -11,7 +11,9 @@ difference is compared with a noise band before it is called a trend:
 A difference smaller than 1.96 standard errors of the difference is reported as within noise.
 
 When every complete trial stored its per-example results, configurations are compared on the same
-examples instead (paired.py: exact McNemar, Holm-adjusted, paired-bootstrap intervals).
+examples instead (paired.py: exact McNemar, Holm-adjusted, paired-bootstrap intervals); on
+instruction/chat data (no accuracy) that is the only comparison made, on study.metric: McNemar on
+exact match over the generated answers, a paired bootstrap on chrF or loss.
 """
 
 from __future__ import annotations
@@ -47,6 +49,20 @@ def complete(df: pd.DataFrame) -> pd.DataFrame:
         return df
     done = df[(df["status"] == "complete")]
     return done[done[ACC].notna() & done[PCT].notna()]
+
+
+def is_chat(df: pd.DataFrame) -> bool:
+    """Instruction/chat data: generated answers scored by exact match, no eval_accuracy."""
+    return bool(len(df)) and "eval_exact_match" in df and df["eval_exact_match"].notna().any()
+
+
+def compared(df: pd.DataFrame, metric: str = ACC) -> pd.DataFrame:
+    """The complete trials the findings compare: complete() on labelled data; on instruction/chat data
+    (no accuracy) those with `metric` and a trainable share."""
+    if not is_chat(df) or len(complete(df)):
+        return complete(df)
+    done = df[df["status"] == "complete"]
+    return done[done[metric].notna() & done[PCT].notna()] if metric in done else done.iloc[:0]
 
 
 def pareto_mask(df: pd.DataFrame) -> pd.Series:
@@ -165,21 +181,22 @@ def sweep_findings(df: pd.DataFrame, eval_size: int | None, importances: dict | 
     """Findings for one sweep (one study); `examples`: trial number -> its per-example results
     (lora_sweep.record.read_examples), which turn on the paired tests of `metric`; `verdict`: their
     verdict_of when the caller has it already."""
-    done = complete(df)
-    if not len(done) and len(df) and "eval_exact_match" in df and df["eval_exact_match"].notna().any():
-        return [CHAT_FINDING]
+    done = compared(df, metric)
+    chat = not len(complete(df)) and is_chat(df)
     if not len(done):
-        return ["No complete trials yet, so nothing to compare."]
+        return [CHAT_FINDING] if chat else ["No complete trials yet, so nothing to compare."]
     vary = varied(done)
     column = vary[0] if len(vary) == 1 else None
     numeric = column is not None and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in done[column])
     warning = paired.scale_warning(done, levels(done, column), column, numeric)
     verdict = verdict_of(done, examples, metric, direction) if verdict is _UNSET else verdict
     if verdict is not None:
-        lines = [_varied_line(vary, importances)] if len(vary) > 1 else []
+        lines = [_varied_line(vary, importances, metric)] if len(vary) > 1 else []
         lines += paired.paired_lines(verdict, numeric)
         lines[-1:-1] = [x for x in (warning, _cost(done)) if x]
         return lines
+    if chat:  # no per-example results (an older study): the noise band below keys on accuracy
+        return [CHAT_FINDING]
     nz = noise(done, eval_size)
     lines = []
     if len(vary) == 1:
@@ -201,19 +218,18 @@ def sweep_findings(df: pd.DataFrame, eval_size: int | None, importances: dict | 
     return lines
 
 
-# Instruction/chat sweeps (no eval_accuracy): what the findings do not compute, said once.
-CHAT_FINDING = ("Instruction/chat data: compare Exact match, chrF and Perplexity in the table; the findings' noise "
-                "band, Pareto front and paired tests key on eval_accuracy and are not computed for these trials. "
-                "Exact match is stored per example (`correct` in examples/, the input McNemar needs); chrF is "
-                "corpus-level, with no per-example value, so a paired interval would re-score resampled corpora "
-                "(thousands of corpus_chrf calls per pair) and is not computed.")
+# Instruction/chat sweeps whose trials stored no per-example results (earlier versions): said once.
+CHAT_FINDING = ("Instruction/chat data: compare Exact match, chrF and Eval loss in the table. Paired tests (McNemar "
+                "on exact match, paired bootstrap on chrF or loss) need each trial's per-example results "
+                "(examples/ beside the study), which these trials did not store; the noise band and Pareto front "
+                "key on eval_accuracy and are not computed for them.")
 
 
 def verdict_of(done: pd.DataFrame, examples: dict | None, metric: str = ACC,
                direction: str = "maximize") -> "paired.PairedVerdict | None":
     """The paired verdict over the complete trials (None without per-example results of `metric`):
     the one object the findings' sentences and the recommendation both read."""
-    done = complete(done)
+    done = compared(done, metric)
     if not len(done) or not examples or metric not in done or not paired.has_examples(done, examples, metric):
         return None
     vary = varied(done)
@@ -226,11 +242,12 @@ def verdict_of(done: pd.DataFrame, examples: dict | None, metric: str = ACC,
     return paired.paired_verdict(done, lv, numeric, examples, metric, direction, knob)
 
 
-def _varied_line(vary: list[str], importances: dict | None) -> str:
+def _varied_line(vary: list[str], importances: dict | None, metric: str = ACC) -> str:
     what = ", ".join(f"`{c.removeprefix('param.')}`" for c in vary)
     line = f"{len(vary)} parameters varied together ({what}), so no single parameter's effect is isolated"
     if importances:
-        line += "; fANOVA importance for accuracy: " + ", ".join(f"`{k}` {v:.2f}" for k, v in importances.items())
+        line += (f"; fANOVA importance for {'accuracy' if metric == ACC else metric}: "
+                 + ", ".join(f"`{k}` {v:.2f}" for k, v in importances.items()))
     return line + "."
 
 

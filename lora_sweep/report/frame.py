@@ -1,5 +1,6 @@
 """Stored results (an Optuna study) -> one pandas row per trial with every stored figure, plus each
-accuracy's Wilson interval and the per-example results of the complete trials."""
+accuracy's Wilson interval, the per-example results of the complete trials and (instruction/chat data)
+their sample generations."""
 
 from __future__ import annotations
 
@@ -109,6 +110,69 @@ def load_examples(study_dir: Path, df: pd.DataFrame) -> dict:
         path = record.examples_path(study_dir, int(t))
         if path.exists():
             out[int(t)] = record.read_examples(path)
+    return out
+
+
+def reported_frame(study_dir: Path, study: optuna.Study) -> tuple[pd.DataFrame, dict]:
+    """The trials frame as the report shows it, with each rate's count (eval_n) and interval from the trials'
+    per-example results; and those results (trial number -> frame)."""
+    df = trials_frame(study)
+    examples = load_examples(study_dir, df)
+    if len(df):
+        df = with_intervals(df, examples, _eval_size(study) if record.meta(study).get("task_type", "SEQ_CLS")
+                            == "SEQ_CLS" else None)
+    return df, examples
+
+
+def data_read(study: optuna.Study) -> str:
+    """How the first complete trial read its data (the same in every trial of a sweep): the encoding, malformed
+    records set aside, rows data.labels left out; '' where none is recorded (Hub data, older studies)."""
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not done:
+        return ""
+    rec = record.TrialRecord.from_trial(min(done, key=lambda t: t.number))
+    parts = [f"read as {rec.data_encoding}"] if rec.data_encoding else []
+    bad = {k: int(v) for k, v in (rec.bad_rows or {}).items() if v}
+    if bad:
+        total = sum(bad.values())
+        parts.append(f"{total} malformed record{'' if total == 1 else 's'} set aside: "
+                     + ", ".join(f"{v} {k}" for k, v in bad.items()))
+    if rec.rows_set_aside:
+        parts.append(f"{rec.rows_set_aside} row{'' if rec.rows_set_aside == 1 else 's'} with other labels left out "
+                     "by data.labels")
+    return "".join(f"; {p}" for p in parts)
+
+
+def samples_path(study_dir: Path, number: int, stage: str = "") -> Path:
+    """Where trial `number` keeps its sample generations (instruction/chat data: prompt, reference, output of
+    the first few generated eval examples), beside its per-example results, so a rebuilt report shows them."""
+    return Path(study_dir, stage) / "samples" / f"trial-{int(number)}.parquet"
+
+
+SAMPLE_COLUMNS = ("prompt", "reference", "output")
+
+
+def write_samples(path: Path, frame: pd.DataFrame) -> Path:
+    """Write a sample table (SAMPLE_COLUMNS, as text) to `path` (parquet), atomically."""
+    missing = [c for c in SAMPLE_COLUMNS if c not in frame]
+    if missing:
+        raise ValueError(f"a sample table lacks the columns {missing}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    frame[list(SAMPLE_COLUMNS)].astype("string").to_parquet(tmp, index=False)
+    tmp.replace(path)
+    return path
+
+
+def load_samples(study_dir: Path, df: pd.DataFrame) -> dict:
+    """Trial number -> its sample generations, for the complete trials that stored them (none before this
+    version, nor on labelled data)."""
+    out = {}
+    for t in df[df["status"] == "complete"]["trial"] if len(df) else []:
+        path = samples_path(study_dir, int(t))
+        if path.exists():
+            out[int(t)] = pd.read_parquet(path)[list(SAMPLE_COLUMNS)]
     return out
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -246,19 +247,43 @@ def disagreements(best: compare.Runs, pick: compare.Runs, limit: int = 5) -> pd.
         columns={"label_best": "label"}).head(limit).reset_index(drop=True)
 
 
-def disagreement_lines(best_name: str, pick_name: str, best: compare.Runs, pick: compare.Runs) -> list[str]:
-    """The report's few examples on which the pick and the best differ, as a markdown table."""
+def disagreement_lines(best_name: str, pick_name: str, best: compare.Runs, pick: compare.Runs,
+                       free_text: bool = False) -> list[str]:
+    """The report's few examples on which the pick and the best differ, as a markdown table (free_text:
+    generated answers to a reference, escaped and cut as text_cell does)."""
     table = disagreements(best, pick)
     if not len(table):
         return []
     def cell(x) -> str:
-        return "" if x is None or (isinstance(x, float) and math.isnan(x)) else str(x).replace("|", "\\|").replace("\n", " ")
+        if free_text:
+            return text_cell(x)
+        missing = x is None or (isinstance(x, float) and math.isnan(x))
+        return "" if missing else str(x).replace("|", "\\|").replace("\n", " ")
 
     lines = ["", f"Examples {pick_name} and {best_name} answer differently (up to five; Example = the row in the "
-             "source data):", "", f"| Example | Label | {cell(best_name)} | {cell(pick_name)} |", "|--:|:--|:--|:--|"]
+             "source data):", "", f"| Example | {'Reference' if free_text else 'Label'} | {cell(best_name)} | "
+             f"{cell(pick_name)} |", "|--:|:--|:--|:--|"]
     lines += [f"| {int(r.example_id)} | {cell(r.label)} | {cell(r.prediction_best)} | {cell(r.prediction_pick)} |"
               for r in table.itertuples()]
     return lines + [""]
+
+
+TEXT_LIMIT = 200  # characters of free text a table cell shows
+
+
+_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&])")  # what GFM would read as markup (a pipe: a new cell)
+
+
+def text_cell(x, limit: int = TEXT_LIMIT, keep_end: bool = False) -> str:
+    """Free text (a prompt, a generated answer) as one GFM table cell: whitespace runs, newlines too, as one
+    space; cut to `limit` characters with an ellipsis (keep_end: its end, where a chat prompt's last turn is);
+    markup characters backslash-escaped, so the text shows as written and a pipe never splits the cell."""
+    if x is None or (isinstance(x, float) and math.isnan(x)) or x is pd.NA:
+        return ""
+    text = " ".join(str(x).split())
+    if len(text) > limit:
+        text = "…" + text[-(limit - 1):].lstrip() if keep_end else text[:limit - 1].rstrip() + "…"
+    return _SPECIAL.sub(r"\\\1", text)
 
 
 def scale_warning(done: pd.DataFrame, lv: list, column: str | None, numeric: bool) -> str | None:

@@ -5,7 +5,8 @@ all ask here, so they never disagree.
   configuration statistically indistinguishable from the best over seeds and examples.
 - Otherwise, with per-example results: the cheapest configuration the paired tests cannot tell
   from the most accurate one (report/paired.py: exact McNemar, Holm; fewest trainable parameters,
-  then time), one seed.
+  then time), one seed; on instruction/chat data the best by study.metric (McNemar on exact match,
+  a paired bootstrap on chrF or loss).
 - Otherwise (older studies): the best study.metric, ties to fewer trainable parameters.
 """
 
@@ -19,6 +20,9 @@ from dataclasses import dataclass
 from lora_sweep.config import Config
 from lora_sweep.config.urls import redact
 from lora_sweep.record import TrialRecord
+from lora_sweep.report.compare import CORRECTNESS
+
+GENERATED = ("eval_exact_match", "eval_chrf")  # metrics of instruction/chat data only
 
 
 @dataclass(frozen=True)
@@ -61,9 +65,10 @@ def recommend(config: Config, study, confirmed: bool = True, v=None, pv=UNSET) -
     best = best_trial(config, study)
     if best is None:
         return None
+    need = ("the trials' per-example results, which earlier versions did not store" if config.study.metric in
+            GENERATED else "per-example accuracy of a classifier or of labelled generation")
     return Recommendation(best, f"the best {config.study.metric} among complete trials, ties to fewer trainable "
-                                "parameters; no paired test backs it (those need per-example accuracy of a "
-                                "classifier or of labelled generation)", False)
+                                f"parameters; no paired test backs it (those need {need})", False)
 
 
 def best_trial(config: Config, study):
@@ -97,25 +102,31 @@ def _paired_pick(config: Config, study, pv) -> Recommendation | None:
     metric = done[config.study.metric].astype(float)
     number = int(done.loc[metric.idxmax() if config.study.direction == "maximize" else metric.idxmin(), "trial"])
     seeds = "on one seed" if len(level.trials) == 1 else f"over its {len(level.trials)} runs"
-    tests = "(McNemar, Holm)" if config.study.metric == "eval_accuracy" and len(level.trials) == 1 else "(Holm)"
+    tests = "(McNemar, Holm)" if config.study.metric in CORRECTNESS and len(level.trials) == 1 else "(Holm)"
     what = "most accurate" if config.study.metric == "eval_accuracy" else f"best by {config.study.metric}"
     return Recommendation(study.trials[number], f"the cheapest configuration the paired tests {tests} cannot tell "
                                                 f"from the {what}, {seeds}", False)
 
 
-def _disagreements(v, pv, r: Recommendation) -> list[str]:
-    """Up to five examples the recommended configuration and the best answer differently."""
+def _disagreements(v, pv, r: Recommendation, free_text: bool = False) -> list[str]:
+    """Up to five examples the recommended configuration and the best answer differently (free_text:
+    generated answers, instruction/chat data)."""
     import lora_sweep.report.compare as compare
     import lora_sweep.report.paired as paired
 
     if r.confirmed and v is not None and v.complete and v.recommended is not v.best:
         best, pick = v.best, v.recommended
         return paired.disagreement_lines(best.label, pick.label, compare.Runs(best.seeds, best.examples),
-                                         compare.Runs(pick.seeds, pick.examples))
+                                         compare.Runs(pick.seeds, pick.examples), free_text)
     if r.confirmed or pv is None or pv.pick is pv.best:
         return []
     i, j = pv.levels.index(pv.best), pv.levels.index(pv.pick)
-    return paired.disagreement_lines(pv.best.name, pv.pick.name, pv.runs[i], pv.runs[j])
+    return paired.disagreement_lines(pv.best.name, pv.pick.name, pv.runs[i], pv.runs[j], free_text)
+
+
+def _generates_text(study) -> bool:
+    """Instruction/chat data: some trial scored generated answers by exact match."""
+    return any(TrialRecord.from_trial(t).eval_exact_match is not None for t in study.get_trials(deepcopy=False))
 
 
 def export_command(config: Config) -> str:
@@ -147,7 +158,7 @@ def section(config: Config, study, pv=UNSET) -> list[str]:
     lines += ["", "## Recommendation", "",
               f"**{rec.label}** (trial #{r.trial.number}): {r.how}. `{export_command(config)}` writes it (adapter, "
               "any trained head, tokenizer, model card) and checks that it loads."]
-    lines += _disagreements(v, pv, r)
+    lines += _disagreements(v, pv, r, _generates_text(study))
     if not r.confirmed and (pv is None or pv.pick.runs == 1):  # a pick over several seeds says so in r.how
         lines.append("One seed only: set study.confirm (e.g. `study.confirm={top_k: 3, seeds: 3}`) to re-train the "
                      "top configurations under more seeds before trusting a small difference.")

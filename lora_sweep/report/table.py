@@ -1,9 +1,12 @@
 """Stored results (the Optuna study) -> pandas -> reports/<sweep>/report.md + report.csv + plots.
 
 The markdown table has the columns of the guide's "Applied Examples" table (seed 004), units in the
-headers, one row per trial with its Pareto mark and trial number; findings (findings.py) and PNG
-plots (plots.py) follow. Every figure comes from the trial's stored record, so `python -m lora_sweep
-report +sweep=NAME` rebuilds it without training; publish() puts it on the sweep's MLflow parent run.
+headers, one row per trial with its Pareto mark and trial number (instruction/chat data: exact match
+with its count, chrF, eval loss, capped answers); findings (findings.py), the recommendation, the
+held-out split, sample generations (chat data) and PNG plots (plots.py) follow. Every figure comes from
+the trial's stored record and files beside the study (per-example results, sample generations), so
+`python -m lora_sweep report +sweep=NAME` rebuilds it without training; publish() puts it on the sweep's
+MLflow parent run.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ import pandas as pd
 from lora_sweep import record
 from lora_sweep.config import Config, ConfigError
 from lora_sweep.report.budget import NOTE as BUDGET_NOTE, budget_column
-from lora_sweep.report.frame import _eval_size, load_examples, trials_frame, with_intervals
+from lora_sweep.report.frame import _eval_size, data_read, load_examples, load_samples, reported_frame, trials_frame
 import lora_sweep.report.heldout as heldout
-from lora_sweep.report.findings import (complete, noise, pareto_mask, pareto_sentence, param_importances, sweep_findings,
-                                        verdict_of)
+from lora_sweep.report.findings import (complete, compared, config_keys, noise, pareto_mask, pareto_sentence,
+                                        param_importances, sweep_findings, verdict_of)
+from lora_sweep.report.paired import TEXT_LIMIT, text_cell
+from lora_sweep.report import forgetting
 from lora_sweep.report.plots import TITLES, write_plots
 from lora_sweep.trial.precision import describe as describe_precision
 
@@ -54,15 +59,39 @@ def guide_table(df: pd.DataFrame, sweep_column: bool = False) -> pd.DataFrame:
         table.insert(3, "Perplexity", done["eval_perplexity"].map(
             lambda v: "n/a" if pd.isna(v) else f"{v:.2f}"))
     if "eval_exact_match" in done and done["eval_exact_match"].notna().any():  # instruction/chat data
-        at = table.columns.get_loc("Accuracy (%)")
-        table = table.drop(columns=["Accuracy (%)", "95% CI"])
-        table.insert(at, "Exact match (%)", done["eval_exact_match"].map(lambda v: "n/a" if pd.isna(v) else f"{100 * v:.1f}"))
-        table.insert(at + 1, "chrF", done["eval_chrf"].map(lambda v: "n/a" if pd.isna(v) else f"{v:.1f}"))
+        table = _chat_columns(table, done)
     matched = budget_column(done)  # lora.param_budget: each row's LoRA parameters beside it
     if matched is not None:
         table.insert(table.columns.get_loc("Trainable params"), *matched)
     if sweep_column:
         table.insert(0, "Sweep", done["sweep"].map(_cell))
+    return table
+
+
+def _chat_columns(table: pd.DataFrame, done: pd.DataFrame) -> pd.DataFrame:
+    """Exact match with its count (matched/scored: eval_n, from the per-example results), chrF, answers capped
+    at data.max_new_tokens (where recorded) and eval loss in place of accuracy and its interval."""
+    def rate(row) -> str:
+        v, n = row["eval_exact_match"], row.get("eval_n")
+        if pd.isna(v):
+            return "n/a"
+        return f"{100 * v:.1f} ({round(v * n)}/{n})" if n is not None and pd.notna(n) and n else f"{100 * v:.1f}"
+
+    def capped(row) -> str:
+        k, n = row.get("answers_capped"), row.get("answers_generated")
+        if k is None or pd.isna(k):
+            return "n/a"
+        return f"{int(k)}/{int(n)}" if n is not None and pd.notna(n) else f"{int(k)}"
+
+    at = table.columns.get_loc("Accuracy (%)")
+    table = table.drop(columns=["Accuracy (%)", "95% CI"])
+    table.insert(at, "Exact match (%)", [rate(r) for _, r in done.iterrows()])
+    table.insert(at + 1, "chrF", done["eval_chrf"].map(lambda v: "n/a" if pd.isna(v) else f"{v:.1f}"))
+    if "answers_capped" in done and done["answers_capped"].notna().any():  # None in studies before it was counted
+        table.insert(at + 2, "Capped", [capped(r) for _, r in done.iterrows()])
+    if "eval_loss" in done and done["eval_loss"].notna().any():
+        after = table.columns.get_loc("Perplexity") + 1 if "Perplexity" in table else at + 2
+        table.insert(after, "Eval loss", done["eval_loss"].map(lambda v: "n/a" if pd.isna(v) else f"{v:.4f}"))
     return table
 
 
@@ -105,7 +134,7 @@ def _facts(config: Config, study: optuna.Study, df: pd.DataFrame) -> list[tuple[
                  + (f"labels {meta.get('labels', '?')}, " if meta.get("labels", "?") != [] else "")
                  + f"{meta.get('train_size', '?')} train / {meta.get('eval_size', '?')} eval"
                  + (f" / {meta['test_size']} held-out test" if meta.get("test_size") else "") + " examples, "
-                 f"max_length {meta.get('max_length', '?')}"),
+                 f"max_length {meta.get('max_length', '?')}" + data_read(study)),
         ("Task", meta.get("task_type", config.base.lora.task_type)),
         ("Device", meta.get("device", "?") + _precision_fact(study, df)),
         ("Date", meta.get("date", "?")),
@@ -121,13 +150,13 @@ def _facts(config: Config, study: optuna.Study, df: pd.DataFrame) -> list[tuple[
 
 
 def markdown(config: Config, study: optuna.Study, df: pd.DataFrame, plots: list[Path] = (),
-             examples: dict | None = None) -> str:
+             examples: dict | None = None, samples: dict | None = None) -> str:
     lines = [f"# LoRA sweep: {config.study.name}", ""]
     lines += [f"- **{k}**: {v}" for k, v in _facts(config, study, df)]
     lines += ["", "## Results", ""]
     table = guide_table(df) if len(df) else pd.DataFrame()
     lines.append(to_markdown(table) if len(table) else "_No complete trials yet._")
-    lines += ["", *notes_lines(df)]
+    lines += ["", *notes_lines(df, config.base.data.max_new_tokens)]
     done = complete(df)
     lines += ["", "## Findings", ""]
     examples = load_examples(config.study_dir, df) if examples is None else examples
@@ -139,12 +168,47 @@ def markdown(config: Config, study: optuna.Study, df: pd.DataFrame, plots: list[
     lines += [f"- {f}" for f in found]
     from lora_sweep.report.recommend import section  # the confirmation stage, then the one recommendation
 
-    lines += section(config, study, pv=pv)
-    lines += heldout.section(held_out(config, df, pv))
-    lines += plots_section(plots)
-    lines += problems_section(df)
+    samples = load_samples(config.study_dir, df) if samples is None else samples
+    # The sections after the findings, in this order; each is [] when it has nothing to say.
+    sections = [
+        section(config, study, pv=pv),                      # the confirmation stage, then the recommendation
+        heldout.section(held_out(config, df, pv)),          # data.test_size
+        samples_section(df, samples, config.study.metric),  # instruction/chat data
+        forgetting.lines(df, config.study_dir),             # CAUSAL_LM: data.retention_size
+        plots_section(plots),
+        problems_section(df),
+    ]
+    for part in sections:
+        lines += part
     lines.append("")
     return "\n".join(lines)
+
+
+SAMPLE_ROWS = 3  # sample generations shown per configuration
+
+
+def samples_section(df: pd.DataFrame, samples: dict, metric: str) -> list[str]:
+    """A few generated answers per configuration (its first run that stored some), beside their prompt and
+    reference: what the exact-match and chrF figures are made of."""
+    from lora_sweep.trial.metrics import exact_match
+
+    done = compared(df, metric) if len(df) else df
+    done = done[done["trial"].astype(int).isin(samples)] if len(done) else done
+    if not len(done):
+        return []
+    lines = ["", "## Sample generations", "",
+             f"The first {SAMPLE_ROWS} eval examples each configuration generated an answer for (greedy, at its last "
+             "generation; one run per configuration). Prompts show their end (the turn answered), every text at most "
+             f"{TEXT_LIMIT} characters; Match: the normalised exact match that Exact match counts.", ""]
+    for _, runs in done.groupby(config_keys(done), sort=False):
+        first = runs.iloc[0]
+        shown = samples[int(first["trial"])].head(SAMPLE_ROWS)
+        lines += [f"**{_cell(first['label'])}** (trial #{int(first['trial'])})", "",
+                  "| Prompt | Reference | Answer | Match |", "|:--|:--|:--|:-:|"]
+        lines += [f"| {text_cell(r.prompt, keep_end=True)} | {text_cell(r.reference)} | {text_cell(r.output)} | "
+                  f"{'✓' if exact_match(str(r.output), str(r.reference)) else '✗'} |" for r in shown.itertuples()]
+        lines.append("")
+    return lines[:-1]
 
 
 def held_out(config: Config, df: pd.DataFrame, pv):
@@ -154,7 +218,7 @@ def held_out(config: Config, df: pd.DataFrame, pv):
     return heldout.repeat(pv, df, tests) if tests else None
 
 
-def notes_lines(df: pd.DataFrame) -> list[str]:
+def notes_lines(df: pd.DataFrame, max_new_tokens: int | None = None) -> list[str]:
     kinds = sorted(set(df.get("memory_kind", pd.Series(dtype=str)).dropna()) - {""}) if len(df) else []
     language_model = "eval_perplexity" in df and df["eval_perplexity"].notna().any()
     chat = "eval_exact_match" in df and df["eval_exact_match"].notna().any()
@@ -170,6 +234,10 @@ def notes_lines(df: pd.DataFrame) -> list[str]:
              "Trial: the Optuna trial number (its MLflow run id is in report.csv)."]
     if chat:  # no accuracy: no Wilson interval, and the Pareto front (accuracy vs trainable %) stays empty
         notes = [n for n in notes if not n.startswith(("95% CI", "Pareto"))]
+        if "answers_capped" in df and df["answers_capped"].notna().any():
+            limit = f" ({max_new_tokens} tokens)" if max_new_tokens else ""
+            notes.insert(2, f"Capped: generated answers that stopped at data.max_new_tokens{limit} before ending "
+                            "their turn, of those generated; a capped answer is scored as it stands.")
     if len(df) and budget_column(complete(df)) is not None:
         notes.insert(2, BUDGET_NOTE)
     if kinds:
@@ -204,9 +272,10 @@ _LM_NOTES = ["Accuracy: share of eval examples (the first data.generate_size) wh
 
 _CHAT_NOTES = ["Exact match: share of eval examples (the first data.generate_size) whose greedily generated answer "
                "equals the reference after normalising both (punctuation removed, outer whitespace stripped, "
-               "inner whitespace collapsed to one space, casefolded), at the last epoch (data.generate_at).",
+               "inner whitespace collapsed to one space, casefolded), at the last epoch (data.generate_at); "
+               "(matched/scored): the answers that matched, of those generated and scored (eval_n in report.csv).",
                "chrF: sacrebleu's corpus chrF (0-100; character 6-grams, beta 2) of the same generated answers.",
-               _LM_NOTES[1]]
+               _LM_NOTES[1] + " Eval loss: that loss itself (mean per answer token over every eval example)."]
 
 _MEMORY_NOTES = {
     "cuda_max_allocated": "peak CUDA memory allocated by torch during the trial (counters reset per trial)",
@@ -221,16 +290,14 @@ def write_report(config: Config, study: optuna.Study | None = None) -> Path | No
         from lora_sweep.search.study import load_study
 
         study = load_study(config)
-    df = trials_frame(study)
-    examples = load_examples(config.study_dir, df)
-    df = with_intervals(df, examples, _eval_size(study) if record.meta(study).get("task_type", "SEQ_CLS") == "SEQ_CLS"
-                        else None)
+    df, examples = reported_frame(config.study_dir, study)
     out = config.report_dir
     out.mkdir(parents=True, exist_ok=True)
     done = complete(df)
     nz = noise(done, _eval_size(study))
-    plots = fresh_plots(out, lambda: write_plots(done, pareto_mask(done), out, study, config.study.metric,
-                                                  noise_sd=nz.sd if nz else None))
+    plots = fresh_plots(out, lambda: [*write_plots(done, pareto_mask(done), out, study, config.study.metric,
+                                                    noise_sd=nz.sd if nz else None),
+                                      *filter(None, [forgetting.plot(df, out, config.study.metric)])])
     return write_files(out, markdown(config, study, df, plots, examples), df)
 
 
@@ -286,7 +353,7 @@ def publish(config: Config, study: optuna.Study, md: Path, tracker=None) -> None
         tracker.describe(parent, description(md))
         from lora_sweep.report.mlflow_view import publish_view  # series, recommendation, table, images
 
-        publish_view(config, study, md, tracker, parent, guide_table(trials_frame(study)))
+        publish_view(config, study, md, tracker, parent, guide_table(reported_frame(config.study_dir, study)[0]))
         if config.tracking.log_artifacts:
             for path in artifacts(md):
                 tracker.log_artifact(parent, path, "report")
@@ -296,8 +363,8 @@ def publish(config: Config, study: optuna.Study, md: Path, tracker=None) -> None
 
 
 def summary(config: Config, study: optuna.Study) -> str:
-    df = trials_frame(study)
-    table = guide_table(df)
+    df, examples = reported_frame(config.study_dir, study)
+    table = guide_table(df) if len(df) else pd.DataFrame()
     best = test = ""
     done = df[df["status"] == "complete"]
     if len(done):
@@ -306,7 +373,7 @@ def summary(config: Config, study: optuna.Study) -> str:
 
         metric = config.study.metric
         v = verdict(config, study)  # both verdicts once: the pick and the held-out line read them
-        pv = verdict_of(df, load_examples(config.study_dir, df), metric, config.study.direction)
+        pv = verdict_of(df, examples, metric, config.study.direction)
         chosen = recommend(config, study, v=v, pv=pv)
         picks = done.index[done["trial"] == chosen.trial.number] if chosen is not None else []
         value = done.loc[picks[0], metric] if len(picks) else math.nan

@@ -178,7 +178,14 @@ class Objective:
                 path = record.write_examples(record.examples_path(self.examples_dir, trial.number, split=split), frame)
                 if self.config.tracking.log_artifacts:
                     self.tracker.log_artifact(run.run_id, path, "examples" if split == "eval" else f"examples-{split}")
+        if getattr(result, "retention_examples", None) is not None:  # the base's losses, once per study (attrs)
+            from lora_sweep.trial.retention import write_base
+
+            write_base(self.examples_dir, result.retention_examples)
         if result.samples is not None:  # instruction/chat data: a few generations, in the run's Artifacts table view
+            from lora_sweep.report.frame import samples_path, write_samples
+
+            write_samples(samples_path(self.examples_dir, trial.number), result.samples)  # the report reads them here
             self.tracker.log_table(run.run_id, result.samples, "generation_samples.json")
         self.tracker.set_tags(run.run_id, {"status": record.Status.COMPLETE.value, "memory_kind": result.memory_kind})
         self.tracker.finish_trial(run.run_id, "complete")
