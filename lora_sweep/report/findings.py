@@ -18,6 +18,7 @@ exact match over the generated answers, a paired bootstrap on chrF or loss.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, replace
@@ -358,6 +359,13 @@ def _trials(numbers) -> str:
 def _show(value) -> str:
     if isinstance(value, float):
         return f"{value:g}"
+    if isinstance(value, str) and value.startswith("["):  # a list parameter, JSON-encoded in the frame
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return value
+    if isinstance(value, (list, tuple)):  # as the table writes it: q_proj+v_proj
+        return "+".join(map(str, value))
     return str(value)
 
 
