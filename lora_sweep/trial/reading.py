@@ -160,11 +160,22 @@ def _short(value) -> str:
 def _csv(path: Path, text: str, encoding: str, config: DataConfig) -> Source:
     """Records by Python's csv module (quoted fields may hold line breaks; a carriage return or a newline
     outside quotes ends a record, as in pandas), checked, then typed by pandas as datasets' csv reader did."""
+    lines = io.StringIO(text, newline="").readlines()
+    reader = csv.reader(lines, strict=True)  # a stray quote must stop, not merge the records after it
+    try:
+        return _csv_records(reader, lines, text, encoding, config)
+    except csv.Error as error:
+        if "unexpected end of data" in str(error):  # a quote opened and never closed: say where it opened
+            _check_closed(lines[_record_start(lines):], _record_start(lines), config)
+        raise ConfigError(f"data.name_or_path={config.name_or_path!r}: line {reader.line_num} is not valid csv "
+                          f"({error}); allowed: quotes around a whole field, in pairs (a quote inside a "
+                          f"field written twice).") from None
+
+
+def _csv_records(reader, lines: list[str], text: str, encoding: str, config: DataConfig) -> Source:
     import datasets
     import pandas as pd
 
-    lines = io.StringIO(text, newline="").readlines()
-    reader = csv.reader(lines)
     header = next(reader, None)
     if not header:
         raise ConfigError(f"data.name_or_path={config.name_or_path!r}: the csv file has no header line; "
@@ -205,6 +216,15 @@ def _csv(path: Path, text: str, encoding: str, config: DataConfig) -> Source:
     frame[ID] = ids
     source.ds = datasets.Dataset.from_pandas(frame, preserve_index=False)
     return source
+
+
+def _record_start(lines: list[str]) -> int:
+    """The line the last (unclosed) record starts on: the last line where non-strict csv starts one."""
+    reader, start = csv.reader(lines), 0
+    last = 0
+    for _ in reader:
+        last, start = start, reader.line_num
+    return last
 
 
 def _read_columns(config: DataConfig) -> set:

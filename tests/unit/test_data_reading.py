@@ -211,3 +211,10 @@ def test_cli_exits_2_on_bad_json_with_one_line(tmp_path):
                       f"fix them, or set data.max_bad_rows=0.025 to set them aside."]
     assert "Traceback" not in proc.stderr
     assert_nothing_written(tmp_path)
+
+
+def test_csv_stray_quote_is_refused_not_merged_with_the_records_after_it(tmp_path):
+    rows = tweets()
+    rows[10][1] = '"quoted" then more'  # a quote closed mid-field: csv would glue the field together
+    message = refusal(write_csv(tmp_path / "t.csv", rows), max_bad_rows=1)
+    assert "line 12 is not valid csv" in message and "quotes around a whole field" in message
