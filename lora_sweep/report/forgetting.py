@@ -156,8 +156,11 @@ def _finding(configs, losses, shared, frames, done) -> str:
     said = "; ".join(f"{r['other']} forgets {r['diff']:.3f} {UNIT} more than {least} ({_p(r['p_adj'])})"
                      for r in found)
     rest = [f"{r['other']} not measurably ({_signed(r['diff'])}, {_p(r['p_adj'])})" for r in rows if r not in found]
-    return (f"**Forgetting differs beyond noise** ({how}; {least} forgets least): {said}"
-            + (f"; {'; '.join(rest)}." if rest else "."))
+    one_seed = all(len(trials) == 1 for _, trials in configs)
+    return (f"**Forgetting differs beyond passage noise** ({how}; {least} forgets least): {said}"
+            + (f"; {'; '.join(rest)}." if rest else ".")
+            + (" One run per configuration: the test covers which passages were drawn, not training noise; "
+               "set study.confirm to re-train under more seeds before trusting it." if one_seed else ""))
 
 
 def plot(df: pd.DataFrame, out_dir, metric: str | None = None) -> Path | None:

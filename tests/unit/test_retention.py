@@ -216,6 +216,7 @@ def test_report_section_names_the_paired_holm_adjusted_p(tmp_path):
     assert f"r=16 forgets {float((far - least).mean()):.3f} nats/token more than r=4 ({forgetting._p(adj_far)})" in text
     assert f"r=8 not measurably ({forgetting._signed(float((close - least).mean()))}, {forgetting._p(adj_close)})" in text
     assert "| r=8 | " + forgetting._signed(float((close - base).mean())) in text
+    assert "One run per configuration: the test covers which passages were drawn, not training noise" in text
 
     assert forgetting.plot(df, tmp_path / "plots").exists()
 
