@@ -117,11 +117,11 @@ def check_conversation(messages, where: str) -> None:
         role = turn.get("role") if isinstance(turn, dict) else None
         content = turn.get("content") if isinstance(turn, dict) else None
         if role not in ROLES:
-            raise ConfigError(f"{where}, turn {i}: role {role!r}; allowed: {', '.join(ROLES)}.")
+            raise ConfigError(f"{where}, turn {i + 1}: role {role!r}; allowed: {', '.join(ROLES)}.")
         if role == "system" and i > 0:
-            raise ConfigError(f"{where}, turn {i}: a system turn; allowed only as the first turn.")
+            raise ConfigError(f"{where}, turn {i + 1}: a system turn; allowed only as the first turn.")
         if not isinstance(content, str) or not content.strip():
-            raise ConfigError(f"{where}, turn {i} ({role}): content {content!r}; allowed: a non-empty string.")
+            raise ConfigError(f"{where}, turn {i + 1} ({role}): content {content!r}; allowed: a non-empty string.")
     if messages[-1]["role"] != "assistant":
         raise ConfigError(f"{where}: the conversation ends with a {messages[-1]['role']!r} turn; it must end "
                           f"with the assistant turn the model is trained to write.")
@@ -145,7 +145,7 @@ def _messages(ds, column: str, config: DataConfig, id_column: str, at):
         for i, turn in enumerate(turns if isinstance(turns, list) else ()):
             role = turn.get(keys[0]) if isinstance(turn, dict) else None
             if role is not None and role not in roles:
-                raise ConfigError(f"{where}: {at(row)} of {config.name_or_path}, turn {i}: role {role!r}; "
+                raise ConfigError(f"{where}: {at(row)} of {config.name_or_path}, turn {i + 1}: role {role!r}; "
                                   f"allowed: {', '.join(roles)}. Roles found: {', '.join(found)}; map them to "
                                   f"system/user/assistant, e.g. {_roles_hint(values, keys[0])}.")
     standard = keys == ("role", "content") and set(found) <= set(ROLES)

@@ -50,11 +50,11 @@ def test_columns_pick_the_shape_trl_names_first_and_overrides_apply():
 
 
 @pytest.mark.parametrize("messages, shown", [
-    ([{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}], "turn 1: role 'bot'; allowed: system, user, assistant"),
+    ([{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}], "turn 2: role 'bot'; allowed: system, user, assistant"),
     ([{"role": "user", "content": "hi"}, {"role": "system", "content": "be"}, {"role": "assistant", "content": "x"}],
-     "turn 1: a system turn; allowed only as the first turn"),
+     "turn 2: a system turn; allowed only as the first turn"),
     ([{"role": "user", "content": "hi"}], "ends with a 'user' turn; it must end with the assistant"),
-    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}], "turn 1 \\(assistant\\): content ' '"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}], "turn 2 \\(assistant\\): content ' '"),
     ([], "a non-empty list"),
 ])
 def test_bad_conversations_name_the_row_turn_and_what_is_allowed(messages, shown):
@@ -224,7 +224,7 @@ def test_the_sweep_refuses_bad_chat_data_before_training(raw_config, llama, tmp_
     raw["lora"].update(task_type="CAUSAL_LM")
     raw["study"] = {**raw["study"], "metric": "eval_loss", "direction": "minimize"}
     config = from_mapping(raw)
-    with pytest.raises(ConfigError, match="line 7 .*turn 1: role 'tool'"):
+    with pytest.raises(ConfigError, match="line 7 .*turn 2: role 'tool'"):
         preflight(config, SearchSpace(config))
     raw["data"]["train_size"], raw["lora"]["task_type"] = 3, "SEQ_CLS"  # the good rows, a classifier
     raw["study"] = {**raw["study"], "metric": "eval_accuracy", "direction": "maximize"}

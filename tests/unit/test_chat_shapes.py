@@ -220,7 +220,7 @@ def test_bad_rows_are_counted_from_one_and_unknown_roles_name_data_roles(tmp_pat
     rows = [{"conversations": turns} for _ in range(12)]
     rows[4] = {"conversations": [turns[0], {"from": "bot", "value": "positive"}]}  # line 5 of the file
     text = _refusal(lm_assets.write_jsonl(tmp_path / "s.jsonl", rows))
-    assert re.match(r"data.messages_column='conversations': (row|line) 5 of .*turn 1: role 'bot'", text)
+    assert re.match(r"data.messages_column='conversations': (row|line) 5 of .*turn 2: role 'bot'", text)
     assert text.endswith("Roles found: human, gpt, bot; map them to system/user/assistant, e.g. "
                          "data.roles='{human: user, gpt: assistant, bot: assistant}'.")
     pairs = lm_assets.instruction_rows(12)
@@ -236,9 +236,9 @@ def test_bad_rows_are_counted_from_one_and_unknown_roles_name_data_roles(tmp_pat
     assert re.search(r"(row|line) 10 of ", _refusal(lm_assets.write_jsonl(tmp_path / "m.jsonl", chats)))
     # the loader may name a record as its user finds it (a jsonl file's line, blank lines counted)
     ds = datasets.Dataset.from_list(rows).add_column(ID, list(range(12)))
-    with pytest.raises(ConfigError, match="row 5 of x.jsonl, turn 1"):
+    with pytest.raises(ConfigError, match="row 5 of x.jsonl, turn 2"):
         chat.check_rows(ds, "messages", DataConfig(name_or_path="x.jsonl"), ID)
-    with pytest.raises(ConfigError, match="line 7 of x.jsonl, turn 1"):
+    with pytest.raises(ConfigError, match="line 7 of x.jsonl, turn 2"):
         chat.check_rows(ds, "messages", DataConfig(name_or_path="x.jsonl"), ID, lambda i: f"line {i + 3}")
 
 
