@@ -148,8 +148,13 @@ def load_splits(config: DataConfig) -> Splits:
     if need > len(ds):
         raise ConfigError(f"data.train_size + data.eval_size = {need} but {config.name_or_path} has only "
                           f"{len(ds)} examples with labels {list(labels)}. Lower the sizes.")
-    split = ds.train_test_split(train_size=config.train_size, test_size=config.eval_size, seed=config.seed,
-                                stratify_by_column="labels")
+    try:
+        split = ds.train_test_split(train_size=config.train_size, test_size=config.eval_size, seed=config.seed,
+                                    stratify_by_column="labels")
+    except ValueError as error:  # datasets' stratifier: a split too small to hold every label
+        raise ConfigError(f"data.train_size={config.train_size}, data.eval_size={config.eval_size}: too small to "
+                          f"hold each of the labels {list(labels)} in both splits ({error}); allowed: at least "
+                          f"{len(labels)} in each.") from None
     test = _held_out(ds, split, config, f"examples with labels {list(labels)}", stratify="labels")
     splits = _without_ids(split, labels, "labelled", test)
     splits.encoding, splits.bad_rows, splits.set_aside = source.encoding, bad, well_formed - len(ds)

@@ -218,3 +218,8 @@ def test_csv_stray_quote_is_refused_not_merged_with_the_records_after_it(tmp_pat
     rows[10][1] = '"quoted" then more'  # a quote closed mid-field: csv would glue the field together
     message = refusal(write_csv(tmp_path / "t.csv", rows), max_bad_rows=1)
     assert "line 12 is not valid csv" in message and "quotes around a whole field" in message
+
+
+def test_splits_too_small_for_every_label_are_refused_in_one_line(tmp_path):
+    message = refusal(write_csv(tmp_path / "t.csv", tweets()), train_size=1, eval_size=1)
+    assert "data.train_size=1, data.eval_size=1: too small to hold each of the labels" in message
