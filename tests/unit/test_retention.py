@@ -247,3 +247,14 @@ def test_a_configuration_run_under_two_seeds_counts_as_their_mean_per_passage(tm
     assert row.startswith(f"| r=4 | {forgetting._signed(d['forgetting'])} | "
                           f"{forgetting._signed(d['forgetting_low'])} to {forgetting._signed(d['forgetting_high'])} |")
     assert row.endswith("| #0, #1 |")
+
+
+def test_forgetting_interval_draws_as_the_reports_paired_bootstrap():
+    from lora_sweep.report.stats import mean, paired_bootstrap
+
+    rng = np.random.default_rng(5)
+    base = rng.uniform(3, 4, 20)
+    adapted = base + rng.normal(0.05, 0.1, 20)
+    d = paired_bootstrap(mean, (adapted,), (base,), seed=0)
+    got = retention.figures(adapted, base)
+    assert (got["forgetting"], got["forgetting_low"], got["forgetting_high"]) == pytest.approx((d.estimate, d.low, d.high))
