@@ -28,7 +28,8 @@ import lora_sweep.report.heldout as heldout
 from lora_sweep.report.findings import (complete, compared, config_keys, noise, pareto_mask, pareto_sentence,
                                         param_importances, sweep_findings, verdict_of)
 from lora_sweep.report.paired import TEXT_LIMIT, text_cell
-from lora_sweep.report import forgetting
+from lora_sweep.report.forgetting import lines as forgetting_lines
+from lora_sweep.report.forgetting import plot as forgetting_plot
 from lora_sweep.report.plots import TITLES, write_plots
 from lora_sweep.trial.precision import describe as describe_precision
 
@@ -174,7 +175,7 @@ def markdown(config: Config, study: optuna.Study, df: pd.DataFrame, plots: list[
         section(config, study, pv=pv),                      # the confirmation stage, then the recommendation
         heldout.section(held_out(config, df, pv)),          # data.test_size
         samples_section(df, samples, config.study.metric),  # instruction/chat data
-        forgetting.lines(df, config.study_dir),             # CAUSAL_LM: data.retention_size
+        forgetting_lines(df, config.study_dir),             # CAUSAL_LM: data.retention_size
         plots_section(plots),
         problems_section(df),
     ]
@@ -297,7 +298,7 @@ def write_report(config: Config, study: optuna.Study | None = None) -> Path | No
     nz = noise(done, _eval_size(study))
     plots = fresh_plots(out, lambda: [*write_plots(done, pareto_mask(done), out, study, config.study.metric,
                                                     noise_sd=nz.sd if nz else None),
-                                      *filter(None, [forgetting.plot(df, out, config.study.metric)])])
+                                      *filter(None, [forgetting_plot(df, out, config.study.metric)])])
     return write_files(out, markdown(config, study, df, plots, examples), df)
 
 
