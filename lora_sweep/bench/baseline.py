@@ -80,6 +80,12 @@ def read_table(path: str, encoding: str | None = None):
     import pandas as pd
 
     suffix = path.rsplit(".", 1)[-1].lower()
+    if encoding in (None, "auto") and suffix != "parquet":  # data.encoding=auto: the sweep's own choice
+        from pathlib import Path
+
+        from lora_sweep.trial.reading import choose_encoding
+
+        encoding = choose_encoding(Path(path).read_bytes(), "auto")[0]
     if suffix == "parquet":
         return pd.read_parquet(path)
     if suffix in ("json", "jsonl"):
