@@ -82,3 +82,11 @@ def _one_of(name: str, value: Any, allowed: tuple) -> None:
     _require(value in allowed, name, value, "one of " + ", ".join(map(str, allowed)))
 
 
+def _codec(name: Any) -> bool:
+    """Whether Python knows this text encoding (data.encoding)."""
+    import codecs
+
+    try:
+        return bool(codecs.lookup(name))
+    except (LookupError, TypeError):
+        return False

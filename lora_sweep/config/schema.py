@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from lora_sweep.config.checks import (ConfigError, _bool, _build, _is_number, _normalise, _one_of,
+from lora_sweep.config.checks import (ConfigError, _bool, _build, _codec, _is_number, _normalise, _one_of,
                                       _positive_int, _require)
 from lora_sweep.config.names import (BIAS_CHOICES, CHAT_DIALECTS, CHAT_FORMATS, COMPUTE_DTYPES, DATA_FORMATS, DEVICES,
                                      GENERATE_AT, MIXED_PRECISION, QUANT_TYPES, SAMPLING_STRATEGIES, TASK_TYPES,
@@ -72,12 +72,9 @@ class DataConfig:
     role_key: str = "role"
     content_key: str = "content"
     roles: tuple | None = None           # ((their name, ours), ...); a mapping is accepted and frozen
-    # Malformed records (invalid JSON, undecodable, empty text/completion, broken csv fragments) that
-    # may be set aside, as a share of the records read; above it the sweep refuses before training.
-    max_bad_rows: float = 0.01
+    max_bad_rows: float = 0.01           # malformed records that may be set aside, a share of those read
     max_new_tokens: int = 64             # generated answers stop at end of sequence/turn, or after this many
-    # CAUSAL_LM: general English passages scored by the base and the adapted model (forgetting); 0 = off
-    retention_size: int = 32
+    retention_size: int = 32             # CAUSAL_LM: English passages scored before/after (forgetting); 0 = off
 
     def __post_init__(self):
         if self.encoding is None:  # settings stored before data.encoding had auto
@@ -97,15 +94,8 @@ class DataConfig:
         _one_of("data.format", self.format, DATA_FORMATS)
         _one_of("data.truncation", self.truncation, TRUNCATIONS)
         _one_of("data.generate_at", self.generate_at, GENERATE_AT)
-        import codecs
-
-        if self.encoding != "auto":
-            try:
-                codecs.lookup(self.encoding)
-                ok = True
-            except (LookupError, TypeError):
-                ok = False
-            _require(ok, "data.encoding", self.encoding, "auto, or a codec Python knows (utf-8, latin-1, cp1252, ...)")
+        _require(self.encoding == "auto" or _codec(self.encoding), "data.encoding", self.encoding,
+                 "auto, or a codec Python knows (utf-8, latin-1, cp1252, ...)")
         if self.roles is not None:
             ok = all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) and p[1] in ("system", "user", "assistant")
                      for p in self.roles)
