@@ -99,7 +99,8 @@ class DataConfig:
         if self.roles is not None:
             ok = all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) and p[1] in ("system", "user", "assistant")
                      for p in self.roles)
-            _require(ok and self.roles, "data.roles", self.roles,
+            shown = dict(p for p in self.roles if isinstance(p, tuple) and len(p) == 2) or self.roles  # as typed
+            _require(ok and self.roles, "data.roles", shown,
                      "null or a mapping of the data's role names to system, user or assistant, e.g. {human: user, gpt: assistant}")
         _require(_is_number(self.max_bad_rows) and 0 <= self.max_bad_rows <= 1, "data.max_bad_rows",
                  self.max_bad_rows, "a share of the records between 0 and 1 (0.01 = 1%)")

@@ -257,3 +257,8 @@ def test_chat_data_writes_sharegpt_and_alpaca_files_that_load_as_the_same_exampl
     assert [m[-1]["content"] for m in alpaca.train["messages"]] == answers
     tweets = [m[1]["content"] for m in messages.train["messages"]]
     assert [m[0]["content"] for m in alpaca.train["messages"]] == [f"{chat_data.QUESTION}\n{t}" for t in tweets]
+
+
+def test_a_role_outside_system_user_assistant_is_refused_as_typed():
+    with pytest.raises(ConfigError, match=r"data.roles=\{'customer': 'boss'\}"):
+        DataConfig(name_or_path="org/dataset", roles={"customer": "boss"}).validate()
