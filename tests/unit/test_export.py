@@ -72,6 +72,7 @@ def _export(raw, capsys, **export):
     return code, out, err
 
 
+@pytest.mark.slow  # a sweep, an export and a fresh process, ~20 s: CI runs it, make test-fast skips it
 def test_round_trip_in_a_fresh_process_keeps_the_trained_head(raw_config, assets, tmp_path, capsys):
     raw = _raw(raw_config, assets, "three")
     _sweep(raw)

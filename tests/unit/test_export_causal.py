@@ -23,7 +23,8 @@ from lora_sweep.config import from_mapping
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning"),
               pytest.mark.filterwarnings("ignore::UserWarning"),
-              pytest.mark.usefixtures("one_thread", "fresh_caches")]
+              pytest.mark.usefixtures("one_thread", "fresh_caches"),
+              pytest.mark.slow]  # two tiny sweeps and fresh-process checks, ~30 s: CI runs them, make test-fast skips
 
 
 @pytest.fixture(scope="module")

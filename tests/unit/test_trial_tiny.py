@@ -174,6 +174,7 @@ print("RESULT " + json.dumps({"epochs": r.epochs, "trainable_params": r.metrics[
 """
 
 
+@pytest.mark.slow  # a fresh process plus three trials, ~20 s: CI runs it, make test-fast skips it
 def test_a_trial_after_others_matches_the_same_trial_in_a_fresh_process(settings):
     """Reuse inside a worker (cached base, cached tokenized data, adapters on a fresh copy) must not change
     results: a trial run after differently-configured ones equals the same trial in a new process."""
@@ -197,6 +198,7 @@ def test_a_trial_after_others_matches_the_same_trial_in_a_fresh_process(settings
     assert fresh["epochs"] == reused.epochs  # eval_loss/accuracy/f1 of every epoch, exactly
 
 
+@pytest.mark.slow  # several trials with RSS sampling, ~20 s: CI runs it, make test-fast skips it
 def test_memory_returns_to_baseline_between_trials(settings):
     import gc
 
