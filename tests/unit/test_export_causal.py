@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from lora_sweep import record
 from lora_sweep.cli import run
 from lora_sweep.config import from_mapping
+from test_export import _export
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning"),
@@ -48,15 +49,6 @@ def _raw(raw_config, assets, name, source, **data):
     raw["study"] = {**raw["study"], "name": name, "metric": "eval_loss", "direction": "minimize"}
     raw["space"] = {"lora": {"r": "choice(4)"}}
     return raw
-
-
-def _export(raw, capsys, **export):
-    raw = copy.deepcopy(raw)
-    raw["mode"] = "export"
-    raw["export"] = {"trial": None, "dest": None, "registered_name": None, **export}
-    code = run(OmegaConf.create(raw))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _generated(raw) -> pd.DataFrame:
