@@ -52,6 +52,9 @@ class TrialRecord:
     memory_before_mb: float | None = None    # process RSS at the trial's start (after releasing memory)
     params: dict = field(default_factory=dict)  # the MLflow params (LoraConfig / TrainingArguments names)
     lora_scale: float | None = None          # the adapter's effective scale: lora_alpha/r (sqrt(r) with rsLoRA)
+    tuned: dict = field(default_factory=dict)  # study.tune's values it trained with (path -> value): not its configuration
+    rung_cap: int | None = None              # racing: the rung (epoch or step) it stops at unless its arm's race is
+                                             # decided in its favour there; None: it trains to the end
     mlflow_run_id: str = ""
     # results (lora_sweep.trial.runner's RESULT_KEYS and LM_RESULT_KEYS)
     eval_accuracy: float | None = None
@@ -141,9 +144,10 @@ _NAMES = tuple(f.name for f in fields(TrialRecord))
 NUISANCE = ("train.seed",)
 
 
-def configuration(params: dict) -> dict:
-    """A trial's configuration: its searched values (Optuna params) without the nuisance ones."""
-    return {k: v for k, v in params.items() if k not in NUISANCE}
+def configuration(params: dict, tuned=()) -> dict:
+    """A trial's configuration: its searched values (Optuna params) without the nuisance ones (the seed,
+    and the paths study.tune tunes within each configuration: `tuned`)."""
+    return {k: v for k, v in params.items() if k not in NUISANCE and k not in tuned}
 FIELDS = _NAMES  # the stored keys, in the record's order
 
 

@@ -93,7 +93,8 @@ def plain(value: Any) -> Any:
 OUTPUT_KEYS = ("mode", "export", "report", "ui")
 LOCATION_KEYS = ("study.name", "study.storage", "paths.sweeps_dir", "paths.reports_dir", "tracking.uri")
 # What a trial computed from: a typed value that differs from the stored one is refused, not applied.
-COMPUTED_KEYS = ("model", "data", "lora", "train", "space", "variants", "conditions", "study.metric")
+COMPUTED_KEYS = ("model", "data", "lora", "train", "space", "variants", "conditions", "study.metric", "study.tune",
+                 "study.race", "study.race_eta")
 _MISSING = object()
 
 

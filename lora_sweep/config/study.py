@@ -34,6 +34,15 @@ class StudyConfig:
     # After the search: re-train its top_k configurations until each has `seeds` seeds in all
     # (the search's own run counts as the first), {} = no confirmation stage.
     confirm: Mapping[str, Any] | None = None
+    # Parameters tuned within each configuration ("arm") of the space, {path: "choice(a, b, ...)"}: each arm is
+    # represented by its best candidate on validation (nuisance values, like the seed), never a configuration.
+    tune: Mapping[str, Any] | None = None
+    race: bool = True              # race an arm's candidates (successive halving on validation); false: all to the end
+    race_eta: int = 3              # keep the best 1/race_eta of an arm's candidates at each rung
+
+    @property
+    def tuned_paths(self) -> tuple[str, ...]:
+        return tuple(self.tune or {})
 
     @property
     def objectives(self) -> tuple[str, ...]:
@@ -98,6 +107,7 @@ class StudyConfig:
         if self.storage is not None:
             check_url(self.storage, parallel=self.workers != 1)
         self._validate_confirm()
+        self._validate_tune()
 
     @property
     def confirm_top_k(self) -> int:
@@ -126,3 +136,19 @@ class StudyConfig:
                      and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds),
                      "study.confirm.seed_list", seeds,
                      f"null or a list of at least study.confirm.seeds={self.confirm_seeds} distinct integers")
+
+    def _validate_tune(self) -> None:
+        allowed = "null or a mapping {parameter path: \"choice(a, b, ...)\"}, e.g. {train.learning_rate: \"choice(3e-4, 1e-3, 3e-3)\"}"
+        _require(self.tune is None or isinstance(self.tune, Mapping), "study.tune", self.tune, allowed)
+        _require(isinstance(self.race, bool), "study.race", self.race,
+                 "true (race each configuration's candidates) or false (train every candidate to the end)")
+        _require(isinstance(self.race_eta, int) and not isinstance(self.race_eta, bool) and self.race_eta >= 2,
+                 "study.race_eta", self.race_eta, "an integer >= 2 (keep the best 1/race_eta at each rung)")
+        if not self.tune:
+            return
+        _require("train.seed" not in self.tune, "study.tune", dict(self.tune),
+                 "parameters other than train.seed (seeds are repetitions: search them in space.train.seed)")
+        _require(not self.multi_objective, "study.tune", dict(self.tune),
+                 "null when study.also_minimize is set (an arm's best candidate is chosen on study.metric alone)")
+        _require(self.pruner == "none", "study.pruner", self.pruner,
+                 "none when study.tune is set (study.race races each configuration's candidates)")

@@ -77,9 +77,18 @@ def pareto_mask(df: pd.DataFrame) -> pd.Series:
     return pd.Series(keep, index=df.index, dtype=bool)
 
 
+def tuned_paths(df: pd.DataFrame) -> set[str]:
+    """The paths study.tune tuned within each configuration (the record's `tuned`, JSON in the frame)."""
+    if "tuned" not in df:
+        return set()
+    return {k for v in df["tuned"].dropna() for k in (json.loads(v) if isinstance(v, str) else v or {})}
+
+
 def config_columns(df: pd.DataFrame) -> list[str]:
-    """The searched parameters that define a configuration (the seed is the repetition axis)."""
-    return [c for c in df.columns if c.startswith("param.") and c != SEED]
+    """The searched parameters that define a configuration (the seed is the repetition axis; tuned values
+    are each configuration's own, chosen on validation)."""
+    tuned = {f"param.{p}" for p in tuned_paths(df)}
+    return [c for c in df.columns if c.startswith("param.") and c != SEED and c not in tuned]
 
 
 def varied(df: pd.DataFrame) -> list[str]:

@@ -47,7 +47,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
                              if rec.pruned_at_step is not None else ""), "excluded": rec.excluded}
         row.update({k: fields[k] for k in _FIRST})
         row.update({k: v for k, v in fields.items() if k not in row and k not in _LAST})
-        row["config"] = config_key(record.configuration(t.params))  # the seed is not part of it
+        row["config"] = config_key(record.configuration(t.params, rec.tuned))  # nor the seed nor tuned values
         row["seed"] = t.params.get("train.seed", rec.params.get("seed"))
         row.update({f"param.{k}": v for k, v in t.params.items()})
         row["mlflow_run_id"] = rec.mlflow_run_id

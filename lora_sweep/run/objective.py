@@ -98,8 +98,10 @@ class Objective:
         run = _Run(tag=f"[{self.started}/{self.planned}] trial {trial.number} ({point.label})",
                    unit="step" if point.settings.train.eval_steps else "epoch",
                    epochs=point.settings.train.num_train_epochs)
+        tuned = tuple(self.space.tuned)
         record.write(trial, label=point.label,
-                     config={k: _jsonable(v) for k, v in record.configuration(point.values).items()})
+                     config={k: _jsonable(v) for k, v in record.configuration(point.values, tuned).items()},
+                     tuned={k: _jsonable(point.values[k]) for k in tuned if k in point.values})
         self.progress.trial_started(trial.number, point.label)
         release_memory()
         record.write(trial, memory_before_mb=round(rss_mb(), 1),  # process RSS: proves a failed trial gave it back

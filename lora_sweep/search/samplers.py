@@ -43,6 +43,11 @@ PRUNERS: dict[str, Callable[..., optuna.pruners.BasePruner]] = {
 }
 def sampler_name(config: Config, space: SearchSpace) -> str:
     name = config.study.sampler
+    if space.tuned and (name not in ("auto", "grid") or not space.is_grid):
+        raise ConfigError(f"study.tune ({', '.join(space.tuned)}) races each configuration's candidates over a grid, "
+                          f"so it needs study.sampler=grid (or auto) and choice(...)/range(...) in space, but got "
+                          f"study.sampler={name} over {', '.join(f'{k}={v}' for k, v in space.config.space.items())}. "
+                          f"Search the tuned parameter in space instead, or make the space a grid.")
     if name == "auto":
         return "grid" if space.is_grid else "tpe"
     if name == "grid" and not space.is_grid:

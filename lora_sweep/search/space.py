@@ -81,6 +81,9 @@ class SearchSpace:
         # Unconditional parameters first, so that conditions can read them.
         order = sorted((p for p in params if p not in self.dropped), key=lambda p: p in self.conditions)
         self.params: dict[str, Param] = {p: params[p] for p in order}
+        # study.tune: candidates within each configuration, searched last (a grid lists an arm's candidates together)
+        self.tuned: dict[str, Param] = {path: _tuned(path, expr, config) for path, expr in (config.study.tune or {}).items()}
+        self.params.update(self.tuned)
 
     def __len__(self) -> int:
         return len(self.params)
@@ -144,13 +147,27 @@ def _known_paths(config: Config) -> set[str]:
     return {VARIANT} | {f"{g}.{k}" for g in groups for k in vars(getattr(config.base, g))}
 
 
-def _parse(path: str, expr: str, config: Config) -> Param:
+def _tuned(path: str, expr, config: Config) -> Param:
+    where = f"study.tune.{path}"
+    if path in config.space:
+        raise ConfigError(f"{where}={expr!r}: {path} is also searched in space.{path}={config.space[path]!r}; a "
+                          f"parameter is either a configuration's (space) or tuned within each one (study.tune).")
+    if path == VARIANT:
+        raise ConfigError(f"{where}: variants are configurations; search them in space.variant.")
+    p = _parse(path, str(expr), config, where)
+    if p.grid is None or len(p.grid) < 2:
+        raise ConfigError(f"{where}={expr!r}: study.tune takes choice(a, b, ...) or range(...) with at least two "
+                          f"candidates (each configuration races them).")
+    return p
+
+
+def _parse(path: str, expr: str, config: Config, where: str | None = None) -> Param:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
     from hydra.errors import HydraException
 
-    where = f"space.{path}"
-    _check_path(path, config)
+    where = where or f"space.{path}"
+    _check_path(path, config, where)
     try:
         override = OverridesParser.create().parse_override(f"{path}={expr}")
         value = override.value()
@@ -199,7 +216,7 @@ def _parse(path: str, expr: str, config: Config) -> Param:
     raise ConfigError(f"{where}: {expr!r} is not supported; write {_GRAMMAR}.")
 
 
-def _check_path(path: str, config: Config) -> None:
+def _check_path(path: str, config: Config, where: str | None = None) -> None:
     if path == VARIANT:
         return
     try:
@@ -207,7 +224,7 @@ def _check_path(path: str, config: Config) -> None:
     except (ConfigError, AttributeError):
         groups = ("model", "data", "lora", "train")
         allowed = [f"{g}.{k}" for g in groups for k in vars(getattr(config.base, g))]
-        raise ConfigError(f"space.{path}: unknown parameter path {path!r}. Allowed: variant, "
+        raise ConfigError(f"{where or f'space.{path}'}: unknown parameter path {path!r}. Allowed: variant, "
                           + ", ".join(allowed) + ".") from None
 
 

@@ -119,7 +119,7 @@ def test_every_sweep_file_composes_and_its_corners_are_valid(compose_cfg, sweep_
     assert config.study.name == sweep_file.stem  # each sweep keeps its results in its own folder
     assert config.space, "a sweep file must define a search space"
     space = SearchSpace(config)
-    assert set(space.params) | set(space.dropped) == set(config.space)  # dropped: conditions unmet here
+    assert set(space.params) | set(space.dropped) == set(config.space) | set(space.tuned)  # dropped: conditions unmet here
     points = space.corner_points()
     # the base plus every choice (grid-able) or both ends (continuous) of every parameter
     expected = 1 + sum(len(p.grid) if p.grid is not None else 2 for p in space.params.values())

@@ -27,7 +27,7 @@ OLD_STUDY = ROOT / "tests" / "fixtures" / "old_study"
 # A complete trial's record with every field set to something other than its default.
 FULL = {"label": "r=8", "config": {"lora.r": 8}, "excluded": "rule: why", "warm_start": True, "stage": "confirm", "confirms": 3,
         "device": "cpu", "precision": "bf16", "worker": "host:42",
-        "memory_before_mb": 654.3, "params": {"r": 8, "target_modules": ["query", "value"]}, "lora_scale": 2.0,
+        "memory_before_mb": 654.3, "params": {"r": 8, "target_modules": ["query", "value"]}, "lora_scale": 2.0, "tuned": {"train.learning_rate": 0.001}, "rung_cap": 1,
         "mlflow_run_id": "abc123", "eval_accuracy": 0.875, "eval_loss": 0.31, "eval_f1": 0.86,
         "eval_perplexity": 1.36, "eval_exact_match": 0.625, "eval_chrf": 71.5,
         "train_loss": 0.42, "trainable_params": 4162, "total_params": 1001252,
