@@ -134,7 +134,9 @@ class Objective:
             if trial.should_prune():
                 record.write(trial, pruned_at_step=step, pruned_at_unit=run.unit,
                              pruned_at_epoch=step if run.unit == "epoch" else None)
-                raise optuna.TrialPruned(f"pruned after {run.unit} {step}: {self.config.study.metric}={value:.4f}")
+                why = ("stopped at its race rung (its arm's candidates are compared there)"
+                       if trial.user_attrs.get("rung_cap") is not None else "pruned")
+                raise optuna.TrialPruned(f"{why} after {run.unit} {step}: {self.config.study.metric}={value:.4f}")
 
     def _train(self, trial: optuna.Trial, point: Point, run: "_Run", ready: Prepared):
         with tempfile.TemporaryDirectory(prefix="lora-sweep-adapter-") as tmp:

@@ -38,7 +38,7 @@ from lora_sweep.run.objective import Objective
 from lora_sweep.run.progress import progress_for
 from lora_sweep.search.space import SearchSpace
 from lora_sweep.search.samplers import make_pruner, make_sampler, sampler_name
-from lora_sweep.search import confirm
+from lora_sweep.search import confirm, race
 from lora_sweep.search.study import (QueueEmpty, budget_callbacks, create_study, enqueue_warm_start, fail_orphans,
                                      fail_stale, queue_study, resume, trials_to_run, warm_start_points)
 
@@ -92,7 +92,7 @@ def run_sweep(config: Config, callbacks: tuple = ()) -> optuna.Study:
         log.info("Multi-objective: %s; no pruning (Optuna prunes single-objective studies only)",
                  ", ".join(f"{d} {o}" for o, d in zip(config.study.objectives, config.study.directions)))
     # Sampler/pruner arguments and warm-start points fail here, before anything is written.
-    make_sampler(config, space), make_pruner(config), warm_start_points(config, space)
+    make_sampler(config, space), make_pruner(config, space), warm_start_points(config, space)
     timings = {"startup_s": time.perf_counter() - lora_sweep.IMPORTED_AT}
     t0 = time.perf_counter()
     device = preflight(config, space)
@@ -210,15 +210,30 @@ def _run(config: Config, space: SearchSpace, sampler: str, device: str, orphans:
 
 
 def _search(config: Config, space: SearchSpace, study: optuna.Study, objective, grid: bool, callbacks) -> None:
-    try:
-        if grid:  # workers pop queued points until none is left
-            queue_study(study).optimize(objective, catch=(Exception,), timeout=config.study.timeout,
-                                        callbacks=[*budget_callbacks(config, space), *callbacks])
-        else:  # study-wide budgets: n_trials and budget_s count every worker's trials
-            study.optimize(objective, n_trials=objective.planned, timeout=config.study.timeout, catch=(Exception,),
-                           callbacks=[*budget_callbacks(config, space), *callbacks])
-    except QueueEmpty:
-        pass
+    if not grid:  # study-wide budgets: n_trials and budget_s count every worker's trials
+        study.optimize(objective, n_trials=objective.planned, timeout=config.study.timeout, catch=(Exception,),
+                       callbacks=[*budget_callbacks(config, space), *callbacks])
+        return
+    racing = race.racing(config, space)
+    extra = [race.Promote(config, race.make_plan(config, space))] if racing else []
+    start = time.monotonic()
+    while True:  # workers pop queued points until none is left
+        left = None if config.study.timeout is None else config.study.timeout - (time.monotonic() - start)
+        if left is not None and left <= 0:
+            return
+        try:
+            queue_study(study).optimize(objective, catch=(Exception,), timeout=left,
+                                        callbacks=[*budget_callbacks(config, space), *extra, *callbacks])
+            return  # stopped: a budget or the timeout
+        except QueueEmpty:
+            pass
+        # A race queues a rung's survivors when its last candidate there finishes, maybe on another worker.
+        if not racing or not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if not (racing and race.enqueue_under_lock(config, race.make_plan(config, space), study)):
+                return
+        else:
+            fail_stale(study)  # a dead worker's race trial must not keep this one waiting
+            time.sleep(2)
 
 
 def _with_precision(config: Config, study: optuna.Study, device: str, planned: int = 1) -> Config:

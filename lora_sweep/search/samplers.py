@@ -58,7 +58,12 @@ def sampler_name(config: Config, space: SearchSpace) -> str:
     return name
 
 
-def make_pruner(config: Config) -> optuna.pruners.BasePruner:
+def make_pruner(config: Config, space: SearchSpace | None = None) -> optuna.pruners.BasePruner:
+    """study.pruner's Optuna pruner; with study.tune raced (space given), the race's own pruner."""
+    if space is not None and space.tuned and config.study.race:
+        from lora_sweep.search.race import RacePruner, make_plan
+
+        return RacePruner(make_plan(config, space))
     args = dict(config.study.pruner_args or {})
     try:
         with warnings.catch_warnings():

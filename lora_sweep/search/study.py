@@ -13,6 +13,7 @@ from lora_sweep.config import Config, ConfigError
 from lora_sweep import record
 from lora_sweep.config.load import from_stored
 from lora_sweep.record import TrialRecord, write_to_storage
+from lora_sweep.search import race
 from lora_sweep.search.space import SearchSpace
 from lora_sweep.config.urls import redact
 from lora_sweep.search.samplers import make_pruner, make_sampler, sampler_name
@@ -33,7 +34,7 @@ PENDING = (TrialState.WAITING, TrialState.RUNNING)
 def create_study(config: Config, space: SearchSpace) -> optuna.Study:
     """Create or load (resume) the study named by study.name on study.storage."""
     sampler = make_sampler(config, space)
-    pruner = make_pruner(config)
+    pruner = make_pruner(config, space)
     storage = open_storage(config)
     study = optuna.create_study(
         study_name=config.study.name,
@@ -139,6 +140,8 @@ class TimeBudget:
 def trials_to_run(config: Config, space: SearchSpace, study: optuna.Study) -> int:
     """How many trials this worker should start now. A grid counts what is already done, so a
     re-run resumes instead of repeating points; other samplers run study.n_trials in total."""
+    if race.racing(config, space):
+        return race.remaining(race.make_plan(config, space), study)
     done = len(study.get_trials(deepcopy=False, states=DONE))
     left = max(0, trials_budget(config, space) - done)
     if left and config.study.budget_s is not None and TimeBudget(config.study.budget_s).spent(study) \
@@ -159,8 +162,11 @@ def resume(config: Config, space: SearchSpace, study: optuna.Study) -> int:
     """Prepare a (re)started sweep; returns how many trials to start. A grid is queued: every
     point that is neither done nor already queued or running becomes a WAITING trial (failed
     points included, so they are retried), and workers pop them one at a time (see QueueStudy).
-    Call it under storage.study_lock when several workers may start at once."""
-    if sampler_name(config, space) == "grid":
+    Call it under storage.study_lock when several workers may start at once. A race (study.tune) queues
+    what its arms need now (search/race.py), failed runs included."""
+    if race.racing(config, space):
+        race.enqueue(race.make_plan(config, space), study, retry_failed=True)
+    elif sampler_name(config, space) == "grid":
         def key(params: dict) -> tuple:
             return tuple(sorted(params.items()))
 

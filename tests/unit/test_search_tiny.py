@@ -20,11 +20,11 @@ pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserW
 def tiny_config(raw_config, assets):  # noqa: F811
     model_dir, csv_path = assets
 
-    def _make(space, study, train=None, **top):
+    def _make(space, study, train=None, data=None, **top):
         raw = copy.deepcopy(raw_config)
         raw["model"]["name_or_path"] = str(model_dir)
         raw["data"].update(name_or_path=str(csv_path), encoding=None, label_column="label", labels=None,
-                           train_size=80, eval_size=40, max_length=16)
+                           **{"train_size": 80, "eval_size": 40, "max_length": 16, **(data or {})})
         raw["train"].update({"num_train_epochs": 2, "device": "cpu", "learning_rate": 5e-2,
                              "per_device_train_batch_size": 16, "save_adapter": False, **(train or {})})
         raw["lora"].update(r=4, lora_alpha=8)
@@ -160,3 +160,29 @@ def test_each_complete_trial_stores_its_examples_and_the_report_pairs_them(tiny_
     csv = pd.read_csv(config.report_dir / "report.csv")
     assert csv.loc[csv["status"] == "complete", "eval_n"].tolist() == [40, 40]
     assert sorted(csv["lora_scale"]) == [1.0, 4.0]           # lora_alpha 8 over r = 2 and 8
+
+
+def test_a_raced_sweep_trains_each_arms_best_learning_rate_to_the_end(tiny_config):
+    # Two ranks, three learning rates each, raced (study.tune): every candidate reaches epoch 1, each rank
+    # keeps its best there on validation, and only that one trains to the end.
+    config = tiny_config({"lora.r": "choice(2, 4)"},
+                         {"name": "race", "tune": {"train.learning_rate": "choice(1e-6, 2e-2, 2e-1)"}},
+                         data={"train_size": 60, "eval_size": 30, "test_size": 30})
+    study = run_sweep(config)
+    trials = study.get_trials()
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert {t.params["lora.r"] for t in done} == {2, 4} and len(done) == 2  # one run to the end per rank
+    for t in done:
+        mates = [m for m in trials if m.params["lora.r"] == t.params["lora.r"]]
+        assert len({m.params["train.learning_rate"] for m in mates}) == 3  # every candidate raced
+        at_rung = {m.params["train.learning_rate"]: m.intermediate_values[1] for m in mates}
+        assert at_rung[t.params["train.learning_rate"]] == max(at_rung.values())  # the arm's best at epoch 1
+        # what the race read is the validation accuracy the record stores, never the test split's
+        assert t.intermediate_values[1] == t.user_attrs["epochs"][0]["eval_accuracy"]
+        assert t.user_attrs["test_accuracy"] is not None
+        assert t.user_attrs["tuned"] == {"train.learning_rate": t.params["train.learning_rate"]}
+        assert t.user_attrs["config"] == {"lora.r": t.params["lora.r"]}
+    stopped = [t for t in trials if t.state == TrialState.PRUNED]
+    assert stopped and all(t.user_attrs["rung_cap"] == 1 and t.last_step == 1 for t in stopped)
+    # six candidates to epoch 1; a kept one that was not the last of its rank trains again from step 0
+    assert 6 <= len(trials) <= 8
