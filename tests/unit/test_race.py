@@ -14,7 +14,8 @@ from optuna.trial import TrialState
 
 from lora_sweep.search import race
 from lora_sweep.search.space import SearchSpace
-from lora_sweep.search.study import create_study, fail_orphans, queue_study, resume, QueueEmpty
+from lora_sweep.run.sweep import _search
+from lora_sweep.search.study import create_study, fail_orphans, queue_study, resume
 
 LRS = (3e-4, 1e-3, 3e-3)
 # accuracy after epoch 1 and 2 for (r, lr): early rungs rank candidates as the last does; 1e-3 best for r=4,
@@ -59,18 +60,12 @@ class Landscape:
 
 
 def run(config, objective=None, study=None):
+    """The sweep's own loop (run.sweep._search: pop queued trials, queue what the race needs after each)."""
     space = SearchSpace(config)
     study = study or create_study(config, space)
     resume(config, space, study)
     objective = objective or Landscape(space)
-    plan = race.make_plan(config, space)
-    while True:
-        try:
-            queue_study(study).optimize(objective, callbacks=[race.Promote(config, plan)])
-            break
-        except QueueEmpty:
-            if not race.enqueue_under_lock(config, plan, study):
-                break
+    _search(config, space, study, objective, grid=True, callbacks=())
     return study, objective
 
 
@@ -146,8 +141,8 @@ def test_a_killed_race_resumes_to_the_same_decisions(race_config):
     study = create_study(config, space)
     resume(config, space, study)
     queue = queue_study(study)
-    queue.optimize(Landscape(space), n_trials=4, callbacks=[race.Promote(config, race.make_plan(config, space))])
-    orphan = queue.ask()  # a worker popped r=8's second candidate and died before its first evaluation
+    queue.optimize(Landscape(space), n_trials=5, callbacks=[race.Promote(config, race.make_plan(config, space))])
+    orphan = queue.ask()  # a worker popped r=8's best candidate and died before its first evaluation
     assert fail_orphans(study) == [orphan.number]
     study, _ = run(config, study=study)
     assert finals(study) == {(4, 1e-3, None): 1, (8, 3e-3, None): 1}
