@@ -248,7 +248,8 @@ class RacePruner(optuna.pruners.BasePruner):
         self.plan = plan
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
-        cap = trial.user_attrs.get(CAP)
+        # from the storage: the trial's own copy still holds a cap this pruner lifted at an earlier rung
+        cap = study._storage.get_trial(trial._trial_id).user_attrs.get(CAP)
         step = trial.last_step
         if cap is None or step is None or step < cap:
             return False
