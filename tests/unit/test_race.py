@@ -151,15 +151,17 @@ def test_a_killed_race_resumes_to_the_same_decisions(race_config):
 
 def test_two_rungs_halve_twice_and_decide_each_rung_once_its_candidates_reached_it(race_config, make_config):
     lrs = (1e-4, 3e-4, 1e-3, 3e-3)  # 4 candidates, eta 2: rungs after epochs 1 and 2 of 4
-    curves = {lr: tuple(0.5 + 0.05 * i + 0.02 * e for e in range(4)) for i, lr in enumerate(lrs)}
+    # 3e-3 leads at epoch 1, 1e-3 overtakes it by epoch 2 and stays ahead
+    curves = {1e-4: (0.50, 0.50, 0.50, 0.50), 3e-4: (0.55, 0.56, 0.57, 0.58), 1e-3: (0.60, 0.75, 0.80, 0.85),
+              3e-3: (0.70, 0.72, 0.73, 0.74)}
     values = {(r, lr): c for r in (4, 8) for lr, c in curves.items()}
     config = race_config(tune=lrs, race_eta=2)
     config = make_config({"lora.r": "choice(4, 8)"}, study={**{k: getattr(config.study, k) for k in (
         "name", "tune", "race_eta")}}, train={"num_train_epochs": 4})
     assert race.rungs(config) == (1, 2)
     study, _ = run(config, Landscape(SearchSpace(config), values))
-    assert finals(study) == {(4, 3e-3, None): 1, (8, 3e-3, None): 1}
+    assert finals(study) == {(4, 1e-3, None): 1, (8, 1e-3, None): 1}  # 3e-3 waited at epoch 2 and lost there
     for r in (4, 8):
         reached = lambda step: {t.params["train.learning_rate"] for t in study.trials  # noqa: E731
                                 if t.params["lora.r"] == r and step in t.intermediate_values}
-        assert reached(1) == set(lrs) and reached(2) == {1e-3, 3e-3} and reached(3) == {3e-3}
+        assert reached(1) == set(lrs) and reached(2) == {1e-3, 3e-3} and reached(3) == {1e-3}
