@@ -149,6 +149,7 @@ def render(meta: dict, rec, adapter_config: dict, study_meta: dict, n_eval: int,
     lines = [
         f"# {meta['sweep']}: trial #{meta['trial']} ({rec.label})", "",
         f"A LoRA adapter from the lora-sweep sweep `{meta['sweep']}`, {how}.", "",
+        *([meta["tuned"], ""] if meta.get("tuned") else []),  # study.tune: its value, and what it was chosen from
         "## Load it", "", "```python", load_code(meta).rstrip("\n"), "```", "", *base_note(meta),
         *generation_lines(meta),
         "## Configuration", "", "| LoRA | |", "|:--|:--|",

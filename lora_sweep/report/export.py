@@ -32,7 +32,9 @@ from pathlib import Path
 from lora_sweep import record
 from lora_sweep.config import Config, ConfigError
 from lora_sweep.config.urls import redact
+from lora_sweep.report.arms import card_line
 from lora_sweep.report.card import render
+from lora_sweep.report.frame import trials_frame
 from lora_sweep.report.recommend import export_command, recommend  # noqa: F401  (export_command: re-exported)
 from lora_sweep.report.verify_export import META, predict
 
@@ -89,7 +91,8 @@ def _export(config: Config) -> int:
                               f"re-run that configuration with train.save_adapter=true tracking.log_artifacts=true, "
                               f"or pick another trial=")
         work = Path(tmp) / "export"
-        meta = _write(config, trial, rec, settings, adapter, work, dest, how, study_meta)
+        tuned = card_line(trials_frame(study), trial.number, config.study.metric, config.study.direction)
+        meta = _write(config, trial, rec, settings, adapter, work, dest, how, study_meta, tuned)
         ref_path, source = _reference(config, trial, settings, adapter, meta, Path(tmp))
         threads = ["--threads", str(meta["threads"])] if meta.get("threads") else []
         proc = subprocess.run([sys.executable, "-m", "lora_sweep.report.verify_export", str(work), "--reference",
@@ -162,7 +165,9 @@ def _device(settings) -> str:
     return resolve_device(settings.train.device)
 
 
-def _write(config, trial, rec, settings, adapter: Path, work: Path, dest: Path, how: str, study_meta: dict) -> dict:
+def _write(config, trial, rec, settings, adapter: Path, work: Path, dest: Path, how: str, study_meta: dict,
+           tuned: str = "") -> dict:
+    """tuned: arms.card_line's sentence on the trial's study.tune values ('' without them)."""
     from lora_sweep.trial import chat, data, models
 
     shutil.copytree(adapter, work)
@@ -185,7 +190,8 @@ def _write(config, trial, rec, settings, adapter: Path, work: Path, dest: Path, 
             "labels": list(splits.labels), "data": dataclasses.asdict(settings.data),
             "eval_batch_size": settings.train.per_device_eval_batch_size, "precision": rec.precision or None,
             "threads": _threads(study_meta), "study_seed": config.study.seed,
-            "dest": str(dest), "export_command": redact(" ".join(["python -m lora_sweep", *sys.argv[1:]]))}
+            "dest": str(dest), "export_command": redact(" ".join(["python -m lora_sweep", *sys.argv[1:]])),
+            "tuned": tuned or None}
     (work / META).write_text(json.dumps(meta, indent=1, default=str))
     adapter_config = json.loads((work / "adapter_config.json").read_text())
     # what AutoPeftModel loads: a folder with config.json on this machine (or a hub id), not the GGUF's folder

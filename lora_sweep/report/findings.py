@@ -26,8 +26,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
+import lora_sweep.report.arms as arms
 import lora_sweep.report.compare as compare
 import lora_sweep.report.paired as paired
+from lora_sweep.report.arms import tuned_paths
 from lora_sweep.record import TrialRecord
 
 SEED = "param.train.seed"
@@ -67,21 +69,16 @@ def compared(df: pd.DataFrame, metric: str = ACC) -> pd.DataFrame:
 
 
 def pareto_mask(df: pd.DataFrame) -> pd.Series:
-    """True for rows no other row beats on both accuracy (higher) and trainable % (lower)."""
-    acc = df[ACC].to_numpy(dtype=float)
+    """True for rows no other row beats on both accuracy (higher) and trainable % (lower); with study.tune, among
+    each configuration's chosen candidate's runs (a losing candidate's lucky run is no configuration's)."""
+    mine = arms.represents(df)
+    acc = np.where(mine, df[ACC].to_numpy(dtype=float), np.nan)
     pct = df[PCT].to_numpy(dtype=float)
     keep = []
     for i in range(len(df)):
         dominated = ((acc >= acc[i]) & (pct <= pct[i]) & ((acc > acc[i]) | (pct < pct[i]))).any()
         keep.append(bool(np.isfinite(acc[i]) and np.isfinite(pct[i]) and not dominated))
     return pd.Series(keep, index=df.index, dtype=bool)
-
-
-def tuned_paths(df: pd.DataFrame) -> set[str]:
-    """The paths study.tune tuned within each configuration (the record's `tuned`, JSON in the frame)."""
-    if "tuned" not in df:
-        return set()
-    return {k for v in df["tuned"].dropna() for k in (json.loads(v) if isinstance(v, str) else v or {})}
 
 
 def config_columns(df: pd.DataFrame) -> list[str]:
@@ -99,7 +96,8 @@ def noise(df: pd.DataFrame, eval_size: int | None) -> Noise | None:
     done = complete(df)
     if not len(done):
         return None
-    keys = config_columns(done) + (["sweep"] if "sweep" in done else [])
+    # runs of one candidate repeat each other; another tuned value (a learning rate) is not a repeat
+    keys = [c for c in done.columns if c.startswith("param.") and c != SEED] + (["sweep"] if "sweep" in done else [])
     groups = done.groupby([done[k].astype(str) for k in keys], sort=False)[ACC] if keys else [(0, done[ACC])]
     dof, ss, n_repeated = 0, 0.0, 0
     for _, acc in groups:
@@ -158,10 +156,10 @@ def config_keys(done: pd.DataFrame) -> pd.Series:
                      index=done.index, dtype=str)
 
 
-def config_label(label: str) -> str:
-    """A run's label without its seed part ("r=4, lora_dropout=0.1, seed=2" -> "r=4, lora_dropout=0.1")."""
-    parts = [p for p in str(label).split(", ") if not re.match(r"^seed=", p)]
-    return ", ".join(parts) or "base"
+def config_label(label: str, tuned=()) -> str:
+    """A run's label without its seed part ("r=4, lora_dropout=0.1, seed=2" -> "r=4, lora_dropout=0.1"), nor
+    the parts of the `tuned` paths (", learning_rate=0.001": each configuration's own, not its name)."""
+    return arms.arm_label(label, tuned)
 
 
 def levels(done: pd.DataFrame, column: str | None, metric: str = ACC) -> list[Level]:
@@ -174,7 +172,7 @@ def levels(done: pd.DataFrame, column: str | None, metric: str = ACC) -> list[Le
         elif column:
             name = _show(g[column].iloc[0])
         else:
-            name = config_label(g["label"].iloc[0])
+            name = config_label(g["label"].iloc[0], tuned_paths(done))
         value = float(g[metric].astype(float).mean()) if metric in g else float("nan")
         out.append(Level(str(name), 100 * float(g[ACC].mean()),
                          float(g[PCT].mean()), float(g["trainable_params"].mean()), len(g),
@@ -190,8 +188,8 @@ def sweep_findings(df: pd.DataFrame, eval_size: int | None, importances: dict | 
                    verdict=_UNSET) -> list[str]:
     """Findings for one sweep (one study); `examples`: trial number -> its per-example results
     (lora_sweep.record.read_examples), which turn on the paired tests of `metric`; `verdict`: their
-    verdict_of when the caller has it already."""
-    done = compared(df, metric)
+    verdict_of when the caller has it already. With study.tune, each configuration at its chosen candidate."""
+    done = arms.choose(compared(df, metric), metric, direction)[0]
     chat = not len(complete(df)) and is_chat(df)
     if not len(done):
         return [CHAT_FINDING] if chat else ["No complete trials yet, so nothing to compare."]
@@ -238,8 +236,9 @@ CHAT_FINDING = ("Instruction/chat data: compare Exact match, chrF and Eval loss 
 def verdict_of(done: pd.DataFrame, examples: dict | None, metric: str = ACC,
                direction: str = "maximize") -> "paired.PairedVerdict | None":
     """The paired verdict over the complete trials (None without per-example results of `metric`):
-    the one object the findings' sentences and the recommendation both read."""
-    done = compared(done, metric)
+    the one object the findings' sentences and the recommendation both read. With study.tune, each
+    configuration (arm) is compared at its chosen candidate: the runs arms.choose keeps on validation."""
+    done = arms.choose(compared(done, metric), metric, direction)[0]
     if not len(done) or not examples or metric not in done or not paired.has_examples(done, examples, metric):
         return None
     vary = varied(done)

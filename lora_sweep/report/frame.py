@@ -50,6 +50,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         row["config"] = config_key(record.configuration(t.params, rec.tuned))  # nor the seed nor tuned values
         row["seed"] = t.params.get("train.seed", rec.params.get("seed"))
         row.update({f"param.{k}": v for k, v in t.params.items()})
+        # study.metric at each evaluation it reported ({step: value}): a raced candidate's figures at each rung
+        row["intermediate"] = json.dumps({str(k): v for k, v in sorted(t.intermediate_values.items())})
         row["mlflow_run_id"] = rec.mlflow_run_id
         row["epochs"] = rec.epochs
         rows.append(row)

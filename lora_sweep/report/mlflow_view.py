@@ -6,7 +6,9 @@
   accuracy when the eval set's size is known, and after a confirmation stage its mean and sd over seeds;
 - the comparison table as an MLflow table artifact (`comparison_table.json`), replaced at each
   publish so a resumed sweep holds each row once;
-- the report's plots as MLflow images (key = plot name, step = complete trials so far).
+- the report's plots as MLflow images (key = plot name, step = complete trials so far);
+- with study.tune, a `tuned_choice` tag on each candidate's child run: the chosen one says what it was
+  chosen from on validation, the others which candidate their configuration chose instead.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from lora_sweep.config import Config
 from lora_sweep.report.stats import wilson
 
 TABLE_FILE = "comparison_table.json"
+TUNED_TAG = "tuned_choice"
 
 
 def series_names(metric: str) -> tuple[str, str]:
@@ -89,6 +92,8 @@ def scored_n(config: Config, study, number: int) -> int | None:
 
 def publish_view(config: Config, study, md: Path, tracker, parent: str, table=None) -> None:
     """table: the report's comparison table (report.table.guide_table), one row per trial."""
+    from lora_sweep.report.arms import run_tags
+    from lora_sweep.report.frame import trials_frame
     from lora_sweep.report.plots import TITLES
 
     tracker.log_series(parent, sweep_series(config, study))
@@ -97,6 +102,9 @@ def publish_view(config: Config, study, md: Path, tracker, parent: str, table=No
         tracker.log_metrics(parent, figures)
     if table is not None and len(table):
         tracker.log_table(parent, table, TABLE_FILE)
+    # every candidate's run, so a choice that changed with a resumed sweep leaves no stale tag behind
+    for run_id, tag in run_tags(trials_frame(study), config.study.metric, config.study.direction).items():
+        tracker.set_tags(run_id, {TUNED_TAG: tag})
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     for name in TITLES:
         path = md.parent / name

@@ -73,15 +73,19 @@ def recommend(config: Config, study, confirmed: bool = True, v=None, pv=UNSET) -
 
 def best_trial(config: Config, study):
     """The complete trial with the best study.metric; a tie goes to fewer trainable parameters, then
-    to the earlier trial."""
+    to the earlier trial. With study.tune, among each configuration's chosen candidate's runs only."""
     from optuna.trial import TrialState
 
+    from lora_sweep.report.arms import chosen_trials
+    from lora_sweep.report.frame import trials_frame
+
     sign = 1 if config.study.direction == "maximize" else -1
+    allowed = chosen_trials(trials_frame(study), config.study.metric, config.study.direction)
     best, best_key = None, None
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         rec = TrialRecord.from_trial(t)
         value = rec.figure(config.study.metric)
-        if math.isnan(value):
+        if math.isnan(value) or (allowed is not None and t.number not in allowed):
             continue
         params = rec.trainable_params if rec.trainable_params is not None else math.inf
         key = (sign * value, -params, -t.number)

@@ -22,21 +22,22 @@ import pandas as pd
 
 from lora_sweep import record
 from lora_sweep.config import Config, ConfigError
+import lora_sweep.report.arms as arms
 from lora_sweep.report.budget import NOTE as BUDGET_NOTE, budget_column
 from lora_sweep.report.frame import _eval_size, data_read, load_examples, load_samples, reported_frame, trials_frame
 import lora_sweep.report.heldout as heldout
 from lora_sweep.report.findings import (complete, compared, config_keys, noise, pareto_mask, pareto_sentence,
                                         param_importances, sweep_findings, verdict_of)
 from lora_sweep.report.paired import TEXT_LIMIT, text_cell
-from lora_sweep.report.forgetting import lines as forgetting_lines
-from lora_sweep.report.forgetting import plot as forgetting_plot
+from lora_sweep.report.forgetting import lines as forgetting_lines, plot as forgetting_plot
 from lora_sweep.report.plots import TITLES, write_plots
 from lora_sweep.trial.precision import describe as describe_precision
 
 log = logging.getLogger("lora_sweep")
 
-def guide_table(df: pd.DataFrame, sweep_column: bool = False) -> pd.DataFrame:
-    """The guide's columns, units in the headers, formatted for reading. Complete trials only."""
+def guide_table(df: pd.DataFrame, sweep_column: bool = False, metric: str = "eval_accuracy",
+                direction: str = "maximize") -> pd.DataFrame:
+    """The guide's columns, units in the headers, formatted for reading. Complete trials only (study.tune: Tuned)."""
     done = complete(df)
     pareto = pareto_mask(done) if len(done) else pd.Series(dtype=bool)
     if "eval_perplexity" in df:  # language models on plain text have perplexity but no accuracy
@@ -64,6 +65,7 @@ def guide_table(df: pd.DataFrame, sweep_column: bool = False) -> pd.DataFrame:
     matched = budget_column(done)  # lora.param_budget: each row's LoRA parameters beside it
     if matched is not None:
         table.insert(table.columns.get_loc("Trainable params"), *matched)
+    table = arms.tuned_column(table, done, df, metric, direction)
     if sweep_column:
         table.insert(0, "Sweep", done["sweep"].map(_cell))
     return table
@@ -98,7 +100,7 @@ def _chat_columns(table: pd.DataFrame, done: pd.DataFrame) -> pd.DataFrame:
 
 COLUMNS = ("Configuration", "Accuracy (%)", "95% CI", "Trainable params", "Trainable (%)", "Memory (MB)",
            "Training time (s/epoch)", "Pareto", "Trial")
-_ALIGN = {"Configuration": "left", "Sweep": "left", "Pareto": "center", "Trial": "right"}
+_ALIGN = {"Configuration": "left", "Sweep": "left", "Tuned": "left", "Pareto": "center", "Trial": "right"}
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -155,7 +157,7 @@ def markdown(config: Config, study: optuna.Study, df: pd.DataFrame, plots: list[
     lines = [f"# LoRA sweep: {config.study.name}", ""]
     lines += [f"- **{k}**: {v}" for k, v in _facts(config, study, df)]
     lines += ["", "## Results", ""]
-    table = guide_table(df) if len(df) else pd.DataFrame()
+    table = guide_table(df, metric=config.study.metric, direction=config.study.direction) if len(df) else pd.DataFrame()
     lines.append(to_markdown(table) if len(table) else "_No complete trials yet._")
     lines += ["", *notes_lines(df, config.base.data.max_new_tokens)]
     done = complete(df)
@@ -172,6 +174,7 @@ def markdown(config: Config, study: optuna.Study, df: pd.DataFrame, plots: list[
     samples = load_samples(config.study_dir, df) if samples is None else samples
     # The sections after the findings, in this order; each is [] when it has nothing to say.
     sections = [
+        arms.section(compared(df, config.study.metric), df, config.study.metric, config.study.direction),  # study.tune
         section(config, study, pv=pv),                      # the confirmation stage, then the recommendation
         heldout.section(held_out(config, df, pv)),          # data.test_size
         samples_section(df, samples, config.study.metric),  # instruction/chat data
@@ -262,7 +265,7 @@ def problems_section(df: pd.DataFrame) -> list[str]:
     lines = ["", "## Trials without a result", ""]
     for _, row in problems.iterrows():
         why = (row["error"] if row["status"] == "failed" else f"excluded, not trained: {row['excluded']}"
-               if row["excluded"] else f"pruned after {row['pruned_at'] or 'epoch ' + str(row['pruned_at_epoch'])}")
+               if row["excluded"] else arms.why_stopped(row, df))
         lines.append(f"- trial {row['trial']} ({row['label']}): **{row['status']}**: {why}")
     return lines
 
@@ -313,17 +316,14 @@ def write_files(out: Path, text: str, df: pd.DataFrame) -> Path:
     tmp = md.with_suffix(".md.tmp")
     tmp.write_text(text)
     tmp.replace(md)  # a reader never sees half a report
-    csv = df.assign(epochs=df["epochs"].map(_json)) if "epochs" in df else df  # the curves too, as JSON
+    csv = df.assign(epochs=df["epochs"].map(lambda v: json.dumps(v, separators=(",", ":"), default=str))) \
+        if "epochs" in df else df  # the curves too, as JSON
     if len(df):
         csv = csv.assign(pareto=False)
         done = complete(df)
         csv.loc[done.index, "pareto"] = pareto_mask(done)
     csv.to_csv(out / "report.csv", index=False)
     return md
-
-
-def _json(v) -> str:
-    return json.dumps(v, separators=(",", ":"), default=str)
 
 
 def artifacts(md: Path) -> list[Path]:
@@ -354,7 +354,8 @@ def publish(config: Config, study: optuna.Study, md: Path, tracker=None) -> None
         tracker.describe(parent, description(md))
         from lora_sweep.report.mlflow_view import publish_view  # series, recommendation, table, images
 
-        publish_view(config, study, md, tracker, parent, guide_table(reported_frame(config.study_dir, study)[0]))
+        table = guide_table(reported_frame(config.study_dir, study)[0], False, config.study.metric, config.study.direction)
+        publish_view(config, study, md, tracker, parent, table)
         if config.tracking.log_artifacts:
             for path in artifacts(md):
                 tracker.log_artifact(parent, path, "report")
@@ -365,7 +366,7 @@ def publish(config: Config, study: optuna.Study, md: Path, tracker=None) -> None
 
 def summary(config: Config, study: optuna.Study) -> str:
     df, examples = reported_frame(config.study_dir, study)
-    table = guide_table(df) if len(df) else pd.DataFrame()
+    table = guide_table(df, metric=config.study.metric, direction=config.study.direction) if len(df) else pd.DataFrame()
     best = test = ""
     done = df[df["status"] == "complete"]
     if len(done):

@@ -44,16 +44,31 @@ def seeds(config: Config) -> list[int]:
     return [own, *[s for s in pool if s != own][:config.study.confirm_seeds - 1]]
 
 
-def key(params: dict) -> str:
-    """A configuration's identity: its searched values, the seed left out."""
-    return json.dumps({k: v for k, v in sorted(params.items()) if k != SEED}, default=str)
+def key(params: dict, tuned=()) -> str:
+    """A configuration's identity: its searched values, the seed left out (and the `tuned` paths, study.tune's:
+    without them, the key of the arm whose candidates they are)."""
+    return json.dumps({k: v for k, v in sorted(params.items()) if k != SEED and k not in tuned}, default=str)
+
+
+def _tune_order(t, tuned) -> tuple:
+    """Where a trial's tuned values stand in study.tune's lists: a tie between candidates goes to the first,
+    as the report's choice (report/arms.py) does."""
+    out = []
+    for path in tuned:
+        dist, value = t.distributions.get(path), t.params.get(path)
+        choices = getattr(dist, "choices", ())
+        out.append(choices.index(value) if value in choices else len(choices))
+    return tuple(out)
 
 
 def top_trials(config: Config, study: optuna.Study, also: tuple = ()) -> list:
     """The search's best complete trials, one per configuration, best first (ties: fewer
     trainable parameters, then the earlier trial); at most study.confirm.top_k of them, then the
-    trials numbered in `also` (the search's own recommendation) where not among them already."""
+    trials numbered in `also` (the search's own recommendation) where not among them already. With
+    study.tune a configuration is an arm: its trial here is its best candidate's (the one the report
+    chose on validation; a tie to the candidate study.tune lists first), re-run as it was."""
     sign = 1 if config.study.direction == "maximize" else -1
+    tuned = config.study.tuned_paths
     ranked = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         rec = TrialRecord.from_trial(t)
@@ -61,27 +76,30 @@ def top_trials(config: Config, study: optuna.Study, also: tuple = ()) -> list:
         if rec.stage or math.isnan(value):
             continue
         params = rec.trainable_params if rec.trainable_params is not None else math.inf
-        ranked.append(((-sign * value, params, t.number), t))
+        ranked.append(((-sign * value, params, _tune_order(t, tuned), t.number), t))
     out, seen = [], set()
     for _, t in sorted(ranked, key=lambda x: x[0]):
-        if key(t.params) not in seen:
-            seen.add(key(t.params))
+        if key(t.params, tuned) not in seen:
+            seen.add(key(t.params, tuned))
             out.append(t)
     out = out[:config.study.confirm_top_k]
-    return out + [study.trials[n] for n in also if key(study.trials[n].params) not in {key(t.params) for t in out}]
+    return out + [study.trials[n] for n in also
+                  if key(study.trials[n].params, tuned) not in {key(t.params, tuned) for t in out}]
 
 
 def stage_config(config: Config) -> Config:
     """The configuration the confirmation runs are made with: the companion study on the same
-    storage, its space the search's plus the seed, nothing sampled (every run is queued)."""
+    storage, its space the search's plus the seed, nothing sampled (every run is queued). study.tune's
+    paths join its space: each run repeats its search trial's chosen candidate, raced no more."""
     if SEED in config.space:
         raise ConfigError(f"study.confirm re-trains under the seeds it chooses, but space.{SEED}="
                           f"{config.space[SEED]!r} searches the seed already. Drop one of them.")
     values = ", ".join(map(str, seeds(config)))
     study = dataclasses.replace(config.study, name=study_name(config), storage=config.storage_url,
                                 sampler="random", sampler_args=None, pruner="none", pruner_args=None,
-                                n_trials=None, budget_s=None, warm_start=(), confirm=None)
-    return dataclasses.replace(config, study=study, space={**config.space, SEED: f"choice({values})"})
+                                n_trials=None, budget_s=None, warm_start=(), confirm=None, tune=None, race=False)
+    tuned = {path: str(expr) for path, expr in (config.study.tune or {}).items()}
+    return dataclasses.replace(config, study=study, space={**config.space, **tuned, SEED: f"choice({values})"})
 
 
 def stage_space(config: Config) -> SearchSpace:
