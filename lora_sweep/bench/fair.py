@@ -109,17 +109,32 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {c.arm} | {arms.show(c.chosen)} | {arms.show(g.chosen)} | "
                      f"{100 * value[arms._key(c.chosen)]:.1f}% | {100 * value[arms._key(g.chosen)]:.1f}% | "
                      f"{100 * r.estimate:+.1f} pts (p={p_adj:.2g}, n={r.n}) | {'yes' + (' (same)' if same else '') if ok else 'no'} |")
+    rex = verdict(args.raced, raced, metric, direction)[1]
+    twins = [(int(t), int(u)) for t in rex for u in fex if raced.trials[int(t)].params == full.trials[int(u)].params]
+    same_runs = sum(rex[t]["prediction"].equals(fex[u]["prediction"]) for t, u in twins)
+    lines += ["", f"Runs of one (arm, candidate) in both sweeps: {same_runs} of {len(twins)} predict every "
+              "validation example alike (training is deterministic under one seed)."]
     a, b = outcomes(race_v), outcomes(full_v)
     same_verdict = a == b
+    one = {}
+    if args.one:  # what a sweep at that one rate alone concludes: the exhaustive grid's runs at it
+        path, value = args.one.split("=", 1)
+        at = fdf[fdf[f"param.{path}"] == float(value)].assign(tuned="{}")
+        one_v = findings.verdict_of(at, fex, metric, direction)
+        one = outcomes(one_v)
     lines += ["", f"**{sum(within)} of {len(within)} raced choices are within noise of the exhaustive best.**", "",
               "## The verdict, raced and exhaustive (validation, paired tests, Holm)", "",
-              "| Comparison | Raced | Exhaustive |", "|:--|:--|:--|"]
+              "| Comparison | Raced | Exhaustive |" + (f" At {args.one} alone |" if one else ""),
+              "|:--|:--|:--|" + (":--|" if one else "")]
     word = {1: "first better", -1: "second better", 0: "not told apart"}
-    for key in dict.fromkeys([*a, *b]):
+    for key in dict.fromkeys([*a, *b, *one]):
         lines.append(f"| {key[0]} vs {key[1]} | {word.get(a.get(key), 'not compared')} | "
-                     f"{word.get(b.get(key), 'not compared')} |")
+                     f"{word.get(b.get(key), 'not compared')} |"
+                     + (f" {word.get(one.get(key), 'not compared')} |" if one else ""))
     lines += ["", f"**The verdict is {'the same' if same_verdict else 'different'}**: pick "
-              f"{race_v.pick.name} (raced) and {full_v.pick.name} (exhaustive).", "", "## Cost", "",
+              f"{race_v.pick.name} (raced) and {full_v.pick.name} (exhaustive)"
+              + (f"; at {args.one} alone: {one_v.pick.name}, best {one_v.best.name}" if one else "") + ".",
+              "", "## Cost", "",
               "| Sweep | Trials | Optimizer steps | Trial seconds |", "|:--|--:|--:|--:|"]
     costs = {"raced": steps_trained(raced), "exhaustive": steps_trained(full)}
     if args.one:
