@@ -5,8 +5,10 @@ and reaches the same decisions with two workers and after a kill."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -112,8 +114,21 @@ def test_without_racing_every_candidate_trains_to_the_end(race_config):
     assert len(finals(study)) == 6 and objective.steps == 12
 
 
-def test_two_workers_reach_the_same_decisions_without_duplicates(race_config, tmp_path):
-    config = race_config(storage=f"journal:///{tmp_path}/race.journal", workers=2)
+@pytest.fixture(params=["journal", "postgresql"])
+def shared_storage(request, tmp_path):
+    """The two stores several workers share: a journal file (one machine), PostgreSQL (several hosts)."""
+    if request.param == "journal":
+        yield f"journal:///{tmp_path}/race.journal"
+        return
+    sys.path.insert(0, str(Path(__file__).parents[1] / "integration"))
+    from services import fresh_database, pg_url
+
+    with fresh_database("lora_sweep_race") as db:
+        yield pg_url(db)
+
+
+def test_two_workers_reach_the_same_decisions_without_duplicates(race_config, shared_storage):
+    config = race_config(storage=shared_storage, workers=2)
     space = SearchSpace(config)
     study = create_study(config, space)
     resume(config, space, study)
