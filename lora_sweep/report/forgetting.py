@@ -47,8 +47,9 @@ def load_retention(study_dir, done: pd.DataFrame) -> dict:
 def _configurations(done: pd.DataFrame) -> list[tuple[str, list[int]]]:
     from lora_sweep.report.findings import config_keys, config_label
 
-    return [(config_label(g["label"].iloc[0]), [int(t) for t in g["trial"]])
-            for _, g in done.groupby(config_keys(done), sort=False)]
+    # study.tune: each candidate apart (its rate is part of what forgets), never an arm's rates pooled as seeds
+    key = config_keys(done) + ("\x00" + done["tuned"].astype(str) if "tuned" in done else "")
+    return [(config_label(g["label"].iloc[0]), [int(t) for t in g["trial"]]) for _, g in done.groupby(key, sort=False)]
 
 
 def _passages(frames: list[pd.DataFrame]) -> tuple | None:

@@ -258,3 +258,14 @@ def test_forgetting_interval_draws_as_the_reports_paired_bootstrap():
     d = paired_bootstrap(mean, (adapted,), (base,), seed=0)
     got = retention.figures(adapted, base)
     assert (got["forgetting"], got["forgetting_low"], got["forgetting_high"]) == pytest.approx((d.estimate, d.low, d.high))
+
+
+def test_tuned_candidates_of_one_configuration_are_not_pooled_as_seeds(tmp_path):
+    rng = np.random.default_rng(3)
+    base = rng.uniform(3, 4, 16)
+    a, b = base + rng.normal(0.1, 0.2, 16), base + rng.normal(0.3, 0.2, 16)
+    df = _study(tmp_path, {0: ("r=4, learning_rate=0.001", a), 1: ("r=4, learning_rate=0.003", b)}, base)
+    df["config"] = "r=4"
+    df["tuned"] = ['{"train.learning_rate": 0.001}', '{"train.learning_rate": 0.003}']
+    rows = [line for line in forgetting.lines(df, tmp_path) if line.startswith("| r=4")]
+    assert [r.split(" | ")[0] for r in rows] == ["| r=4, learning_rate=0.001", "| r=4, learning_rate=0.003"]
