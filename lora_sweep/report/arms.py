@@ -16,9 +16,11 @@ import math
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 import lora_sweep.report.compare as compare
+from lora_sweep.config.names import METRIC_DIRECTIONS
 
 SEED = "param.train.seed"
 PENDING = ("running", "waiting")
@@ -142,10 +144,9 @@ def chosen_trials(df: pd.DataFrame, metric: str, direction: str) -> set[int] | N
     return {int(t) for t in kept["trial"]} if choices else None
 
 
-def represents(df: pd.DataFrame, metric: str = "eval_accuracy", direction: str = "maximize") -> "np.ndarray":
-    """Per row: a run of its arm's chosen candidate (every row without tuned values)."""
-    import numpy as np
-
+def represents(df: pd.DataFrame, metric: str = "eval_accuracy", direction: str | None = None) -> np.ndarray:
+    """Per row: a run of its arm's chosen candidate (every row without tuned values); direction: the metric's own."""
+    direction = direction or METRIC_DIRECTIONS.get(metric, "maximize")
     chosen = chosen_trials(df, metric, direction) if "trial" in df and is_tuned(df) else None
     return np.array([chosen is None or int(t) in chosen for t in (df["trial"] if chosen is not None else df.index)] if len(df) else [], dtype=bool)
 

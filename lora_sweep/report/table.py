@@ -192,12 +192,12 @@ SAMPLE_ROWS = 3  # sample generations shown per configuration
 
 
 def samples_section(df: pd.DataFrame, samples: dict, metric: str) -> list[str]:
-    """A few generated answers per configuration (its first run that stored some), beside their prompt and
+    """A few generated answers per configuration (its chosen candidate's first run with some), beside their prompt and
     reference: what the exact-match and chrF figures are made of."""
     from lora_sweep.trial.metrics import exact_match
 
     done = compared(df, metric) if len(df) else df
-    done = done[done["trial"].astype(int).isin(samples)] if len(done) else done
+    done = done[arms.represents(done, metric) & done["trial"].astype(int).isin(samples)] if len(done) else done
     if not len(done):
         return []
     lines = ["", "## Sample generations", "",

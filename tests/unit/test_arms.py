@@ -7,6 +7,7 @@ stops them. Each test's docstring names the bug it catches."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import optuna
@@ -289,3 +290,16 @@ def test_pareto_marks_only_runs_of_a_chosen_candidate():
     done = findings.complete(trials_frame(study))
     marked = set(done.loc[findings.pareto_mask(done), "trial"])
     assert marked and marked <= chosen_numbers(study)
+
+
+def test_sample_generations_come_from_each_arms_chosen_candidate():
+    """Bug: an arm's samples shown from its first run (r=4 at 3e-4), not the candidate it is compared at."""
+    from lora_sweep.report.table import samples_section
+
+    study, _, _ = tuned_study()
+    df = trials_frame(study)
+    done = df[df["status"] == "complete"]
+    samples = {int(t): pd.DataFrame({"prompt": [f"p{t}"], "reference": ["a"], "output": ["a"]}) for t in done["trial"]}
+    text = "\n".join(samples_section(df, samples, "eval_accuracy"))
+    shown = {int(n) for n in re.findall(r"\(trial #(\d+)\)", text)}
+    assert shown and shown <= chosen_numbers(study)
