@@ -63,6 +63,7 @@ def test_the_wheel_ships_every_module_and_every_config(installed):
     assert "lora-sweep = lora_sweep.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
+@pytest.mark.slow  # ~20 s: a sweep from the installed wheel; CI runs it
 def test_the_installed_package_sweeps_from_any_folder(installed, assets, tmp_path):  # noqa: F811
     _, site = installed
     model_dir, csv_path = assets

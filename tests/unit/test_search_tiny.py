@@ -162,6 +162,7 @@ def test_each_complete_trial_stores_its_examples_and_the_report_pairs_them(tiny_
     assert sorted(csv["lora_scale"]) == [1.0, 4.0]           # lora_alpha 8 over r = 2 and 8
 
 
+@pytest.mark.slow  # ~14 s: eight tiny trials; test_race covers the race in seconds; CI runs it
 def test_a_raced_sweep_trains_each_arms_best_learning_rate_to_the_end(tiny_config):
     # Two ranks, three learning rates each, raced (study.tune): every candidate reaches epoch 1, each rank
     # keeps its best there on validation, and only that one trains to the end.

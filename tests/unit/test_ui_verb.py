@@ -65,6 +65,7 @@ def _processes_on(port: int) -> list[str]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to find leftover processes")
+@pytest.mark.slow  # ~30 s: a real MLflow UI server; CI runs it
 def test_ui_verb_serves_the_parent_runs_series_and_stops_cleanly(tiny_config, tmp_path):  # noqa: F811
     from lora_sweep import record
 
