@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     raced, full = load(args.raced), load(args.exhaustive)
     meta = record.meta(raced)
     metric, direction = "eval_accuracy", "maximize"
-    _, _, _, race_choices, race_v = verdict(args.raced, raced, metric, direction)
+    _, rex, _, race_choices, race_v = verdict(args.raced, raced, metric, direction)
     fdf, fex, _, full_choices, full_v = verdict(args.exhaustive, full, metric, direction)
     by_arm = {c.arm: c for c in full_choices}
     rows, ps = [], []
@@ -109,7 +109,6 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {c.arm} | {arms.show(c.chosen)} | {arms.show(g.chosen)} | "
                      f"{100 * value[arms._key(c.chosen)]:.1f}% | {100 * value[arms._key(g.chosen)]:.1f}% | "
                      f"{100 * r.estimate:+.1f} pts (p={p_adj:.2g}, n={r.n}) | {'yes' + (' (same)' if same else '') if ok else 'no'} |")
-    rex = verdict(args.raced, raced, metric, direction)[1]
     twins = [(int(t), int(u)) for t in rex for u in fex if raced.trials[int(t)].params == full.trials[int(u)].params]
     same_runs = sum(rex[t]["prediction"].equals(fex[u]["prediction"]) for t, u in twins)
     lines += ["", f"Runs of one (arm, candidate) in both sweeps: {same_runs} of {len(twins)} predict every "

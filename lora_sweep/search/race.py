@@ -20,9 +20,11 @@ decides a rung the moment it is complete.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import optuna
@@ -41,11 +43,10 @@ def racing(config: Config, space: SearchSpace) -> bool:
     return bool(space.tuned) and config.study.race
 
 
-def rungs(config: Config) -> tuple[int, ...]:
+def rungs(config: Config, n: int) -> tuple[int, ...]:
     """The rungs (epochs, or optimizer steps with train.eval_steps) where an arm's candidates are compared,
     before the end: ceil(log_eta n) halvings, rung k at the first evaluation at or after R * eta^(k - K) of
-    the R units of training (successive halving's equal budget per rung)."""
-    n = math.prod(len(v) for v in _tune_grid(config).values())
+    the R units of training (successive halving's equal budget per rung); n: the candidates of an arm."""
     eta = config.study.race_eta
     halvings = max(1, math.ceil(math.log(n, eta) - 1e-9))
     train = config.base.train
@@ -69,12 +70,6 @@ def rungs(config: Config) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _tune_grid(config: Config) -> dict:
-    from lora_sweep.search.space import _tuned
-
-    return {path: _tuned(path, expr, config).grid for path, expr in (config.study.tune or {}).items()}
-
-
 @dataclass(frozen=True)
 class Plan:
     arms: list        # each arm's params (searched values without the seed and the tuned paths)
@@ -86,15 +81,13 @@ class Plan:
 
 
 def make_plan(config: Config, space: SearchSpace) -> Plan:
-    import itertools
-
     grid = space.grid()
     tuned = list(space.tuned)
     arm_paths = [p for p in grid if p not in tuned and p != SEED]
     arms = [dict(zip(arm_paths, v)) for v in itertools.product(*(grid[p] for p in arm_paths))]
     candidates = [dict(zip(tuned, v)) for v in itertools.product(*(grid[p] for p in tuned))]
     seeds = list(grid[SEED]) if SEED in grid else [None]
-    return Plan(arms, seeds, candidates, rungs(config), config.study.race_eta,
+    return Plan(arms, seeds, candidates, rungs(config, len(candidates)), config.study.race_eta,
                 1 if config.study.direction == "maximize" else -1)
 
 
@@ -214,7 +207,7 @@ def expected(plan: Plan) -> int:
 def remaining(plan: Plan, study: optuna.Study) -> int:
     """Trials still to start: the queued ones, and at least the runs the coming decisions will add
     (0 once every arm is decided and run)."""
-    count = {s: len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
+    count = Counter(t.state for t in study.get_trials(deepcopy=False))
     waiting, running = count[TrialState.WAITING], count[TrialState.RUNNING]
     if not (waiting or running or missing(plan, study)):
         return 0

@@ -71,6 +71,10 @@ def run(config, objective=None, study=None):
     return study, objective
 
 
+def plan_rungs(config) -> tuple:
+    return race.make_plan(config, SearchSpace(config)).rungs
+
+
 def finals(study) -> dict:
     """(r, lr, seed) of every trial that trained to the end."""
     out = {}
@@ -81,14 +85,14 @@ def finals(study) -> dict:
 
 
 def test_rungs_follow_successive_halving(race_config, make_config):
-    assert race.rungs(race_config()) == (1,)  # 3 candidates, eta 3: one halving, after the first of 2 epochs
+    assert plan_rungs(race_config()) == (1,)  # 3 candidates, eta 3: one halving, after the first of 2 epochs
     one_epoch = make_config({"lora.r": "choice(4, 8)"}, study={"tune": {"train.learning_rate": "choice(1, 2, 3)"}},
                             train={"num_train_epochs": 1})
-    assert race.rungs(one_epoch) == ()  # no evaluation before the end: nothing to race on
+    assert plan_rungs(one_epoch) == ()  # no evaluation before the end: nothing to race on
     steps = make_config({"lora.r": "choice(4, 8)"}, study={"tune": {"train.learning_rate": "choice(1, 2, 3)"}},
                         train={"num_train_epochs": 2, "eval_steps": 10, "per_device_train_batch_size": 10},
                         data={"train_size": 300})
-    assert race.rungs(steps) == (20,)  # 60 steps in all: the first evaluation at or after 60 / 3
+    assert plan_rungs(steps) == (20,)  # 60 steps in all: the first evaluation at or after 60 / 3
 
 
 def test_the_race_keeps_each_arms_best_and_drops_the_worst_at_the_first_rung(race_config):
@@ -173,7 +177,7 @@ def test_two_rungs_halve_twice_and_decide_each_rung_once_its_candidates_reached_
     config = race_config(tune=lrs, race_eta=2)
     config = make_config({"lora.r": "choice(4, 8)"}, study={**{k: getattr(config.study, k) for k in (
         "name", "tune", "race_eta")}}, train={"num_train_epochs": 4})
-    assert race.rungs(config) == (1, 2)
+    assert plan_rungs(config) == (1, 2)
     study, _ = run(config, Landscape(SearchSpace(config), values))
     assert finals(study) == {(4, 1e-3, None): 1, (8, 1e-3, None): 1}  # 3e-3 waited at epoch 2 and lost there
     for r in (4, 8):

@@ -234,12 +234,18 @@ def test_report_compares_nothing_without_a_test(tmp_path):
     assert "**Not compared**: trial #1 stored no per-passage results" in "\n".join(forgetting.lines(df, tmp_path))
 
 
-def test_a_configuration_run_under_two_seeds_counts_as_their_mean_per_passage(tmp_path):
-    rng = np.random.default_rng(2)
+def _two_runs_of_r4(tmp_path, seed: int, labels: tuple):
+    """Two runs of one configuration (r=4) labelled `labels`, their per-passage losses and the base's."""
+    rng = np.random.default_rng(seed)
     base = rng.uniform(3, 4, 16)
     a, b = base + rng.normal(0.1, 0.2, 16), base + rng.normal(0.3, 0.2, 16)
-    df = _study(tmp_path, {0: ("r=4, seed=1", a), 1: ("r=4, seed=2", b)}, base)
+    df = _study(tmp_path, {0: (labels[0], a), 1: (labels[1], b)}, base)
     df["config"] = "r=4"
+    return df, a, b, base
+
+
+def test_a_configuration_run_under_two_seeds_counts_as_their_mean_per_passage(tmp_path):
+    df, a, b, base = _two_runs_of_r4(tmp_path, 2, ("r=4, seed=1", "r=4, seed=2"))
     frame = record.read_examples(record.examples_path(tmp_path, 0, split="retention"))
     record.write_examples(retention.base_path(tmp_path), frame.assign(loss=base))
     row = next(line for line in forgetting.lines(df, tmp_path) if line.startswith("| r=4 |"))
@@ -261,11 +267,7 @@ def test_forgetting_interval_draws_as_the_reports_paired_bootstrap():
 
 
 def test_tuned_candidates_of_one_configuration_are_not_pooled_as_seeds(tmp_path):
-    rng = np.random.default_rng(3)
-    base = rng.uniform(3, 4, 16)
-    a, b = base + rng.normal(0.1, 0.2, 16), base + rng.normal(0.3, 0.2, 16)
-    df = _study(tmp_path, {0: ("r=4, learning_rate=0.001", a), 1: ("r=4, learning_rate=0.003", b)}, base)
-    df["config"] = "r=4"
+    df, _, _, _ = _two_runs_of_r4(tmp_path, 3, ("r=4, learning_rate=0.001", "r=4, learning_rate=0.003"))
     df["tuned"] = ['{"train.learning_rate": 0.001}', '{"train.learning_rate": 0.003}']
     rows = [line for line in forgetting.lines(df, tmp_path) if line.startswith("| r=4")]
     assert [r.split(" | ")[0] for r in rows] == ["| r=4, learning_rate=0.001", "| r=4, learning_rate=0.003"]
