@@ -80,7 +80,11 @@ class _TrialCallback(TrainerCallback):
         self.by_steps = by_steps
         self.generate_every = generate_every  # False: generate at the final evaluation only (data.generate_at)
         self._t0 = 0.0
+        self._start = time.perf_counter()
         self._eval_in_epoch = 0.0  # evaluations (and our reporting) that ran inside this epoch
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.training = True
@@ -114,6 +118,8 @@ class _TrialCallback(TrainerCallback):
         if not math.isfinite(row.get("eval_loss", 0.0)):  # diverged weights: its accuracy means nothing
             raise NonFiniteLoss(f"eval loss became {row['eval_loss']} at step {state.global_step}; lower "
                                 f"train.learning_rate or check the data.")
+        # what the trial has cost so far (training and evaluations): a search replayed from the table charges it
+        row["trial_seconds"] = time.perf_counter() - self._start
         self.result.epochs.append(row)
         self.result.steps.append(step)
         try:
