@@ -76,6 +76,7 @@ class TrialRecord:
     train_seconds: float | None = None       # the run's wall time less its evaluations
     eval_seconds: float | None = None        # evaluations (and generation, and reporting) during the run
     epochs: list = field(default_factory=list)        # eval metrics of each evaluation
+    evaluated_at_s: list = field(default_factory=list)  # the trial's seconds (training + evaluations) at each
     memory_kind: str = ""                             # what peak_memory_mb measures (lora_sweep.report)
     batch_shapes: dict = field(default_factory=dict)  # "BxL" -> training batches of that padded shape
     lora_params: int | None = None           # trainable LoRA weights alone (lora_A/B, DoRA magnitudes), no head

@@ -173,7 +173,7 @@ class Objective:
         objective value(s) returned. The test split's never reach Optuna's value or its pruner."""
         figures = result.figures.stored()
         record.write(trial, **figures, epochs=result.epochs, memory_kind=result.memory_kind,
-                     batch_shapes=result.batch_shapes)
+                     batch_shapes=result.batch_shapes, evaluated_at_s=[round(s, 3) for s in result.evaluated_at_s])
         numbers = {k: v for k, v in figures.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         self.tracker.log_metrics(run.run_id, numbers, step=result.steps[-1] if result.steps else len(result.epochs))
         for split, frame in (("eval", result.examples), ("test", result.test_examples),

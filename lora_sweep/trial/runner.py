@@ -82,6 +82,7 @@ class TrialResult:
     figures: Figures = field(default_factory=Figures)
     epochs: list[dict] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)   # the epoch or optimizer step of each evaluation
+    evaluated_at_s: list[float] = field(default_factory=list)  # the trial's seconds so far, at each evaluation
     target_modules: tuple = ()
     memory_kind: str = ""
     adapter_dir: Path | None = None
@@ -192,6 +193,7 @@ def run_trial(settings: TrialSettings | Prepared, device: str, on_epoch: Callabl
             values["adapter_size_mb"] = weights.stat().st_size / 2**20
             saved = adapter_dir
         result = TrialResult(figures=Figures(**values), epochs=outcome.epochs, steps=outcome.steps,
+                             evaluated_at_s=outcome.evaluated_at_s,
                              target_modules=targets.names, memory_kind=memory.kind, adapter_dir=saved,
                              batch_shapes=outcome.batch_shapes, examples=outcome.examples,
                              samples=getattr(task, "last_samples", None), test_examples=outcome.test_examples,

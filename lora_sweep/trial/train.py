@@ -44,6 +44,7 @@ class NonFiniteLoss(RuntimeError):
 class TrainResult:
     epochs: list[dict] = field(default_factory=list)   # eval metrics per evaluation (eval_accuracy, ...)
     steps: list[int] = field(default_factory=list)     # the step each evaluation was reported at
+    evaluated_at_s: list[float] = field(default_factory=list)  # seconds since training began, at each evaluation
     epoch_times: list[float] = field(default_factory=list)
     eval_seconds: float = 0.0
     train_loss: float = float("nan")
@@ -118,9 +119,8 @@ class _TrialCallback(TrainerCallback):
         if not math.isfinite(row.get("eval_loss", 0.0)):  # diverged weights: its accuracy means nothing
             raise NonFiniteLoss(f"eval loss became {row['eval_loss']} at step {state.global_step}; lower "
                                 f"train.learning_rate or check the data.")
-        # what the trial has cost so far (training and evaluations): a search replayed from the table charges it
-        row["trial_seconds"] = time.perf_counter() - self._start
         self.result.epochs.append(row)
+        self.result.evaluated_at_s.append(time.perf_counter() - self._start)
         self.result.steps.append(step)
         try:
             self.on_epoch(step, row)  # may raise optuna.TrialPruned: it ends training here

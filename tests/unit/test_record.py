@@ -33,6 +33,7 @@ FULL = {"label": "r=8", "config": {"lora.r": 8}, "excluded": "rule: why", "warm_
         "train_loss": 0.42, "trainable_params": 4162, "total_params": 1001252,
         "trainable_pct": 0.4157, "peak_memory_mb": 60.3, "epoch_time_s": 2.25, "adapter_size_mb": 0.017,
         "train_seconds": 4.6, "eval_seconds": 1.04, "epochs": [{"eval_accuracy": 0.5}, {"eval_accuracy": 0.875}],
+        "evaluated_at_s": [2.8, 5.6],
         "memory_kind": "cpu_peak_rss_above_trial_start_sampled", "batch_shapes": {"16x7": 5, "16x9": 3},
         "lora_params": 4096, "test_accuracy": 0.85, "test_f1": 0.84, "test_loss": 0.35, "test_exact_match": 0.5,
         "test_n": 500, "test_seconds": 1.5,

@@ -73,6 +73,9 @@ def test_run_trial_measures_and_reports_every_epoch(settings, assets, tmp_path):
         assert set(metrics) == {"eval_accuracy", "eval_loss", "eval_f1"}
         assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and metrics["eval_loss"] > 0
     assert result.epochs == [m for _, m in calls]
+    # what each evaluation had cost by then (a replayed search charges it): growing, within the run's seconds
+    first, last = result.evaluated_at_s
+    assert 0 < first < last <= result.metrics["train_seconds"] + result.metrics["eval_seconds"] + 1.0
     m = result.metrics
     assert set(RESULT_KEYS) <= set(m)
     assert m["eval_accuracy"] == calls[-1][1]["eval_accuracy"]
