@@ -1,7 +1,7 @@
 """bench: benchmarks and their baselines, never imported by the product.
 
     python -m lora_sweep.bench            the rank sweep against a Trainer-per-config script (rank, baseline)
-    python -m lora_sweep.bench.search     TPE with pruning against the grid (search)
+    python -m lora_sweep.bench.replay     search methods replayed over a stored exhaustive grid (replay)
     python -m lora_sweep.bench.sft        TRL's SFTTrainer against lora-sweep's trial path on chat data (sft)
     python -m lora_sweep.bench.chat_data  the instruction set both shapes of chat data are built from (chat_data)
 """
