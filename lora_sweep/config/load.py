@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from lora_sweep.config.checks import ConfigError, _build, _one_of, _require, flatten, flatten_paths
+from lora_sweep.config.claims import parse_claims
 from lora_sweep.config.names import CHAT_DIALECTS, CHAT_FORMATS, MODES, METRIC_DIRECTIONS, metric_names
 from lora_sweep.config.schema import (_GROUP_TYPES, Config, ExportConfig, Paths, ReportConfig, StudyConfig, TrackingConfig,
                                       TrialSettings, UiConfig, Variant)
@@ -57,7 +58,8 @@ def from_mapping(raw: Mapping[str, Any], overrides: Sequence[str] = ()) -> Confi
     exclude = {str(k): v for k, v in (raw.get("exclude") or {}).items() if v is not None}
     config = Config(base=base, study=study, tracking=tracking, paths=paths, space=space,
                     variants=variants, mode=mode, report=report, export=export, ui=ui,
-                    conditions=conditions, exclude=exclude, raw=plain(raw), overrides=tuple(map(str, overrides)))
+                    conditions=conditions, exclude=exclude, claims=parse_claims(raw.get("claims"), variants, space),
+                    raw=plain(raw), overrides=tuple(map(str, overrides)))
     base.validate()
     study.validate()
     _check_metric(study, base)
@@ -88,9 +90,10 @@ def plain(value: Any) -> Any:
 
 # -- a sweep's settings, stored with its study, read back by export, report and ui -------------------------
 
-# What those verbs take from their own command line: the output they write and where the stores are
-# (a location must be given to find the study at all; a stored one may be another machine's, or redacted).
-OUTPUT_KEYS = ("mode", "export", "report", "ui")
+# What those verbs take from their own command line: the output they write (claims too: a reading of the stored
+# results, so a report may check claims the sweep ran without) and where the stores are (a location must be
+# given to find the study at all; a stored one may be another machine's, or redacted).
+OUTPUT_KEYS = ("mode", "export", "report", "ui", "claims")
 LOCATION_KEYS = ("study.name", "study.storage", "paths.sweeps_dir", "paths.reports_dir", "tracking.uri")
 # What a trial computed from: a typed value that differs from the stored one is refused, not applied.
 COMPUTED_KEYS = ("model", "data", "lora", "train", "space", "variants", "conditions", "study.metric", "study.tune",

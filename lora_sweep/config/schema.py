@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 from lora_sweep.config.checks import (ConfigError, _bool, _build, _codec, _is_number, _normalise, _one_of,
                                       _positive_int, _require)
+from lora_sweep.config.claims import Claim
 from lora_sweep.config.names import (BIAS_CHOICES, CHAT_DIALECTS, CHAT_FORMATS, COMPUTE_DTYPES, DATA_FORMATS, DEVICES,
                                      GENERATE_AT, MIXED_PRECISION, QUANT_TYPES, SAMPLING_STRATEGIES, TASK_TYPES,
                                      TRUNCATIONS)
@@ -359,6 +360,7 @@ class Config:
     ui: UiConfig = UiConfig()
     conditions: Mapping[str, Mapping] = dataclasses.field(default_factory=dict)  # path -> {when/requires}
     exclude: Mapping[str, Mapping] = dataclasses.field(default_factory=dict)     # name -> {when, message}
+    claims: tuple[Claim, ...] = ()    # published claims the report checks (config/claims.py); () = none
     # The resolved mapping this config was built from (plain data: what a sweep stores with its study),
     # and the overrides the user typed (Hydra's task overrides; empty when built otherwise). Neither is
     # part of the configuration's identity: two spellings of one configuration are equal.

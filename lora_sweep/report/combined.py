@@ -16,7 +16,7 @@ import pandas as pd
 from lora_sweep import record
 from lora_sweep.report import findings, table
 from lora_sweep.config import Config
-from lora_sweep.report.plots import write_plots
+from lora_sweep.report.plots import fresh_plots, write_plots
 
 # Settings that must match for rows of different sweeps to be compared like for like.
 _LIKE_FOR_LIKE = ("model", "data", "train_size", "eval_size", "max_length", "device")
@@ -50,8 +50,8 @@ def write_combined(config: Config) -> tuple[Path, str]:
     names = done["label"].astype(str) + " [" + done["sweep"].astype(str) + "]" if len(done) else None
     sizes = {record.meta(s).get("eval_size") for s in studies.values()}
     nz = findings.noise(done, next(iter(sizes)) if len(sizes) == 1 else None) if len(done) else None
-    plots = table.fresh_plots(out, lambda: write_plots(done, pareto, out, None, names=names,
-                                                         noise_sd=nz.sd if nz else None))
+    plots = fresh_plots(out, lambda: write_plots(done, pareto, out, None, names=names,
+                                                 noise_sd=nz.sd if nz else None))
     text = markdown(config, studies, df, plots)
     md = table.write_files(out, text, df)
     rows = table.guide_table(df, sweep_column=True) if len(df) else pd.DataFrame()

@@ -29,6 +29,13 @@ TITLES = {
 }
 
 
+def fresh_plots(out: Path, draw) -> list[Path]:
+    """Remove every plot an earlier report left in `out`, then draw() (which writes those the data supports)."""
+    for name in TITLES:  # a plot the data no longer supports must not linger from an earlier run
+        (out / name).unlink(missing_ok=True)
+    return draw()
+
+
 def _pyplot():
     import matplotlib
 

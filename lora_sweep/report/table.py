@@ -2,11 +2,11 @@
 
 The markdown table has the columns of the guide's "Applied Examples" table (seed 004), units in the
 headers, one row per trial with its Pareto mark and trial number (instruction/chat data: exact match
-with its count, chrF, eval loss, capped answers); findings (findings.py), the recommendation, the
-held-out split, sample generations (chat data) and PNG plots (plots.py) follow. Every figure comes from
-the trial's stored record and files beside the study (per-example results, sample generations), so
-`python -m lora_sweep report +sweep=NAME` rebuilds it without training; publish() puts it on the sweep's
-MLflow parent run.
+with its count, chrF, eval loss, capped answers); findings (findings.py), the recommendation, the held-out
+split, the config's claims (claims.py), sample generations (chat data) and PNG plots (plots.py) follow.
+Every figure comes from the trial's stored record and files beside the study (per-example results, sample
+generations), so `python -m lora_sweep report +sweep=NAME` rebuilds it without training; publish() puts it
+on the sweep's MLflow parent run.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import pandas as pd
 from lora_sweep import record
 from lora_sweep.config import Config, ConfigError
 import lora_sweep.report.arms as arms
+import lora_sweep.report.claims as claims
 from lora_sweep.report.budget import NOTE as BUDGET_NOTE, budget_column
 from lora_sweep.report.frame import _eval_size, data_read, load_examples, load_samples, reported_frame, trials_frame
 import lora_sweep.report.heldout as heldout
@@ -30,7 +31,7 @@ from lora_sweep.report.findings import (complete, compared, config_keys, noise, 
                                         param_importances, sweep_findings, verdict_of)
 from lora_sweep.report.paired import TEXT_LIMIT, text_cell
 from lora_sweep.report.forgetting import lines as forgetting_lines, plot as forgetting_plot
-from lora_sweep.report.plots import TITLES, write_plots
+from lora_sweep.report.plots import TITLES, fresh_plots, write_plots
 from lora_sweep.trial.precision import describe as describe_precision
 
 log = logging.getLogger("lora_sweep")
@@ -177,6 +178,7 @@ def markdown(config: Config, study: optuna.Study, df: pd.DataFrame, plots: list[
         arms.section(compared(df, config.study.metric), df, config.study.metric, config.study.direction),  # study.tune
         section(config, study, pv=pv),                      # the confirmation stage, then the recommendation
         heldout.section(held_out(config, df, pv)),          # data.test_size
+        claims.report_section(config, df, examples),        # claims: published claims, checked
         samples_section(df, samples, config.study.metric),  # instruction/chat data
         forgetting_lines(df, config.study_dir),             # CAUSAL_LM: data.retention_size
         plots_section(plots),
@@ -303,12 +305,6 @@ def write_report(config: Config, study: optuna.Study | None = None) -> Path | No
                                                     noise_sd=nz.sd if nz else None),
                                       *filter(None, [forgetting_plot(df, out, config.study.metric)])])
     return write_files(out, markdown(config, study, df, plots, examples), df)
-
-
-def fresh_plots(out: Path, draw) -> list[Path]:
-    for name in TITLES:  # a plot the data no longer supports must not linger from an earlier run
-        (out / name).unlink(missing_ok=True)
-    return draw()
 
 
 def write_files(out: Path, text: str, df: pd.DataFrame) -> Path:
