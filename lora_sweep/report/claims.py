@@ -194,7 +194,17 @@ def _equivalent(r: compare.Comparison, margin: float, metric: str) -> Verdict:
     if r.significant():
         return Verdict.DOES_NOT_HOLD
     inside = max(abs(r.low), abs(r.high)) * scale(metric) <= margin  # NaN bounds: not inside
-    return Verdict.HOLDS if inside else Verdict.CANNOT_TELL
+    # a bootstrap interval collapses where few examples tell the pair apart: equivalence also needs a test
+    # that could have seen a difference of the margin
+    return Verdict.HOLDS if inside and sensitivity(r, metric) * scale(metric) <= margin else Verdict.CANNOT_TELL
+
+
+def sensitivity(r: compare.Comparison, metric: str) -> float:
+    """The smallest difference the comparison could have detected; where no example tells the pair apart, the
+    95% upper bound on the share of examples that could (3/n, the rule of three): |difference| is at most it."""
+    if not math.isnan(r.mde):
+        return r.mde
+    return 3.0 / r.n if metric in compare.CORRECTNESS and r.n else math.inf
 
 
 def scale(metric: str) -> float:
@@ -282,8 +292,8 @@ def _why(c: Claim, s: SplitVerdict, m: str) -> str:
         if s.verdict == Verdict.HOLDS:
             return (f"no pair differs beyond noise and every interval lies inside ±{c.margin:g} (the widest reaches "
                     f"±{_points(m, s.widest)})")
-        return (f"no pair differs beyond noise, but the widest interval bound is ±{_points(m, s.widest)} {_unit(m)}, "
-                f"outside ±{c.margin:g}; {could}")
+        return (f"no pair differs beyond noise, but not every pair is shown inside ±{c.margin:g} {_unit(m)}: the widest "
+                f"interval bound is ±{_points(m, s.widest)} and {could}")
     if s.verdict == Verdict.HOLDS:
         return ("every comparison puts" if n > 1 else "the comparison puts") + " the better side ahead beyond noise"
     if s.verdict == Verdict.DOES_NOT_HOLD:
@@ -300,8 +310,12 @@ def _reading(c: Claim, e: Evidence, m: str) -> str:
     could = ("no example tells them apart" if math.isnan(x.mde) else
              f"could have detected {_points(m, x.mde)} {_unit(m)}")
     if c.within:
-        reach = _points(m, max(abs(x.low), abs(x.high)))
-        return f"cannot tell: interval reaches ±{reach}, outside ±{c.margin:g}; {could}"
+        reach = max(abs(x.low), abs(x.high))
+        if reach * scale(m) <= c.margin:
+            bound = _points(m, sensitivity(x, m))
+            return (f"cannot tell: interval inside ±{c.margin:g}, but the test could only have detected {bound} "
+                    f"{_unit(m)}" + (" (no example tells them apart: at most 3/n)" if math.isnan(x.mde) else ""))
+        return f"cannot tell: interval reaches ±{_points(m, reach)}, outside ±{c.margin:g}; {could}"
     return f"cannot tell: {could}"
 
 

@@ -174,12 +174,17 @@ def test_an_equivalence_claim_holds_only_inside_its_margin():
     (e,) = tiny.validation.evidence
     bound = 100 * max(abs(e.comparison.low), abs(e.comparison.high))
     assert 0.5 < bound < 5.0
-    assert f"the widest interval bound is ±{bound:.1f} points, outside ±0.5" in text_of(tiny)
-    assert "could have detected" in text_of(tiny)
+    assert f"the widest interval bound is ±{bound:.1f} and they could have detected" in text_of(tiny)
+    # inside the margin but a test too weak to see the margin (6 disagreements of 200: it could detect 3.4 points)
+    weak = check(within(3.0), near)
+    assert 100 * bound <= 300 and 100 * weak.validation.evidence[0].comparison.mde > 3.0
+    assert weak.verdict == Verdict.CANNOT_TELL and "but the test could only have detected 3.4 points" in text_of(weak)
 
+    # identical runs: no example tells them apart, so |difference| <= 3/n = 1.5 points (the rule of three)
     same = [("a", reference(), None, None), ("b", reference(), None, None), ("c", reference(), None, None)]
-    r = check(within(0.5, ("a", "b", "c")), same)
+    r = check(within(2.0, ("a", "b", "c")), same)
     assert r.verdict == Verdict.HOLDS and len(r.validation.evidence) == 3  # every pair
+    assert check(within(1.0, ("a", "b", "c")), same).verdict == Verdict.CANNOT_TELL
 
     apart = [("a", against(30, 10), None, None), ("b", reference(), None, None)]
     assert check(within(50.0), apart).verdict == Verdict.DOES_NOT_HOLD  # beyond noise, whatever the margin
