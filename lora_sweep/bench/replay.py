@@ -42,6 +42,7 @@ METHODS = {
     "random": {"sampler": "random", "pruner": "none"},
     "tpe": {"sampler": "tpe", "pruner": "none"},
     "tpe+median": {"sampler": "tpe", "pruner": "median"},
+    "tpe(4)+median": {"sampler": "tpe", "pruner": "median", "sampler_args": {"n_startup_trials": 4}},
     "race": {"sampler": "grid", "pruner": "none", "tune": "train.learning_rate"},
 }
 FIXED = ("status", "step", "value", "trial_seconds", "test_value", "trial")
@@ -211,7 +212,7 @@ def method_config(table: Table, method: str, seed: int, workdir: Path) -> Config
     raw["space"] = _nest(choice)
     grid_size = math.prod(len(v) for v in values.values())
     raw["study"] = {**raw.get("study", {}), "sampler": spec["sampler"], "pruner": spec["pruner"], "seed": seed,
-                    "sampler_args": {}, "pruner_args": {}, "tune": _nest(tuned), "race": True, "workers": 1,
+                    "sampler_args": spec.get("sampler_args", {}), "pruner_args": {}, "tune": _nest(tuned), "race": True, "workers": 1,
                     "n_trials": None if spec["sampler"] == "grid" else 10 * grid_size, "storage": None,
                     "name": f"replay-{method}-{seed}", "confirm": None, "warm_start": [], "budget_s": None,
                     "timeout": None}
