@@ -100,10 +100,12 @@ def test_regret_is_the_grid_picks_test_score_minus_the_current_picks():
     table = replay.Table(("x",), rows, {}, "eval_accuracy", True)
     charges = [replay.Charge(5.0, ("c",), "pruned", None), replay.Charge(15.0, ("a",), "complete", 0.80),
                replay.Charge(25.0, ("c",), "complete", 0.85), replay.Charge(35.0, ("b",), "complete", 0.90)]
-    curve = replay_report.regret_curve(table, charges)
-    # the grid picks b (0.90 on validation), 0.85 on test: no pick yet, then a (0.85 - 0.78), c (0.85 - 0.88), b
-    assert [s for s, _ in curve] == [5.0, 15.0, 25.0, 35.0]
-    assert curve[0][1] is None
+    # against the best on test (c, 0.88): no pick yet, then a (0.88 - 0.78), c (0), b (0.88 - 0.85)
+    best = replay_report.regret_curve(table, charges)
+    assert [s for s, _ in best] == [5.0, 15.0, 25.0, 35.0] and best[0][1] is None
+    assert [round(r, 6) for _, r in best[1:]] == [0.10, 0.0, 0.03]
+    # against the grid's own pick, b (0.90 on validation), 0.85 on test: a (0.07), c (-0.03: better), b (0)
+    curve = replay_report.regret_curve(table, charges, "grid")
     assert [round(r, 6) for _, r in curve[1:]] == [0.07, -0.03, 0.0]
     assert replay_report.at(curve, 20.0) == pytest.approx(0.07) and replay_report.to_pick(curve) == 25.0
     assert math.isinf(replay_report.to_pick(curve[:2]))
