@@ -250,7 +250,22 @@ def section(done: pd.DataFrame, df: pd.DataFrame, metric: str, direction: str) -
                          f"{_outcome(c, choice, runs, unit, open_race)} ({trials})")
         lines.append(f"| {_cell(choice.arm)} | {_cell(show(choice.chosen))} | {choice.tried} | {choice.completed} | "
                      f"{_cell('; '.join(cells))} |")
+    edges = [f"{choice.arm} ({', '.join(at_edge(choice))})" for choice in choices if at_edge(choice)]
+    if edges:
+        lines += ["", f"At the edge of the candidates: {'; '.join(edges)}. Such a configuration's own best may lie "
+                  "beyond what was tried, so it may be compared below its best; widen study.tune to check."]
     return lines
+
+
+def at_edge(choice: ArmChoice) -> list[str]:
+    """The chosen tuned values that are the smallest or largest of 3 or more numeric candidates."""
+    out = []
+    for path, value in choice.chosen.items():
+        values = sorted({c.tuned.get(path) for c in choice.candidates} - {None})
+        if len(values) >= 3 and all(isinstance(v, (int, float)) for v in values) and value in (values[0], values[-1]):
+            out.append(f"{path.rsplit('.', 1)[-1]}={value:g}, the {'smallest' if value == values[0] else 'largest'} "
+                       f"of {len(values)}")
+    return out
 
 
 def why_stopped(row, df: pd.DataFrame) -> str:

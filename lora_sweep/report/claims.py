@@ -51,6 +51,7 @@ class Side:
     label: str           # its label there
     tuned: dict          # the chosen candidate's tuned values (path -> value); {} without study.tune
     trials: tuple        # the runs compared (trial numbers)
+    edge: tuple = ()     # chosen values at the edge of their candidates (arms.at_edge): its best may lie beyond
 
     @property
     def name(self) -> str:
@@ -113,11 +114,12 @@ def check(claims, variants: Mapping[str, Variant], df: pd.DataFrame, examples: d
     done = compared(df, metric) if len(df) else df
     kept, choices = arms.choose(done, metric, direction, df) if len(done) else (done, [])
     tuned = {t: c.chosen for c in choices for t in c.trials}
+    edges = {t: tuple(arms.at_edge(c)) for c in choices for t in c.trials}
     out = []
     for claim in claims:
         sides, missing = {}, {}
         for name in claim.variants:
-            side = _side(name, variants, kept, tuned, examples, metric)
+            side = _side(name, variants, kept, tuned, examples, metric, edges)
             if isinstance(side, Side):
                 sides[name] = side
             else:
@@ -136,7 +138,7 @@ def check(claims, variants: Mapping[str, Variant], df: pd.DataFrame, examples: d
 
 
 def _side(name: str, variants: Mapping[str, Variant], kept: pd.DataFrame, tuned: dict, examples: dict,
-          metric: str) -> Side | str:
+          metric: str, edges: dict | None = None) -> Side | str:
     """The variant's Side, or why it has none."""
     rows = kept[kept[VARIANT].astype(str) == name] if VARIANT in kept and len(kept) else kept.iloc[:0]
     if not len(rows):
@@ -147,7 +149,8 @@ def _side(name: str, variants: Mapping[str, Variant], kept: pd.DataFrame, tuned:
     trials = tuple(int(t) for t in rows["trial"])
     if not all(t in examples and compare.scored(metric, examples[t]).any() for t in trials):
         return f"no per-example results of {metric}"
-    return Side(name, variants[name].label if name in variants else name, dict(tuned.get(trials[0], {})), trials)
+    return Side(name, variants[name].label if name in variants else name, dict(tuned.get(trials[0], {})), trials,
+                (edges or {}).get(trials[0], ()))
 
 
 def _runs(sides: list[Side], kept: pd.DataFrame, frames: dict) -> list[compare.Runs]:
@@ -265,6 +268,8 @@ def _claim_lines(r: ClaimResult) -> list[str]:
               "", *(f"- {s.split.capitalize()}: {_why(c, s, m)}." for s in splits)]
     if r.test is None:
         lines.append(f"- Not repeated on held-out data: {r.unrepeated}.")
+    lines += [f"- {s.name}: at the edge of its candidates ({', '.join(s.edge)}); its own best may lie beyond them, "
+              "so it may be compared below its best." for s in r.sides if s.edge]
     lines += ["", f"| Split | A | A ({_value_unit(m)}) | B | B ({_value_unit(m)}) | A − B ({_unit(m)}) | Interval | "
                   f"Method | b / c | Holm p | Could detect ({_unit(m)}) | Reading |",
               "|:--|:--|--:|:--|--:|--:|--:|:--|--:|--:|--:|:--|"]

@@ -303,3 +303,15 @@ def test_sample_generations_come_from_each_arms_chosen_candidate():
     text = "\n".join(samples_section(df, samples, "eval_accuracy"))
     shown = {int(n) for n in re.findall(r"\(trial #(\d+)\)", text)}
     assert shown and shown <= chosen_numbers(study)
+
+
+def test_a_choice_at_the_edge_of_its_candidates_is_flagged():
+    """Bug: a configuration whose best rate is the largest (or smallest) tried shown as if its best were known:
+    its own best may lie beyond, and a comparison at that rate may put it below its best."""
+    study, _, _ = tuned_study()
+    df = trials_frame(study)
+    done = df[df["status"] == "complete"]
+    _, choices = arms.choose(done, "eval_accuracy", "maximize", df)
+    assert {c.arm: arms.at_edge(c) for c in choices} == {"r=4": [], "r=8": ["learning_rate=0.003, the largest of 3"]}
+    text = "\n".join(arms.section(done, df, "eval_accuracy", "maximize"))
+    assert "At the edge of the candidates: r=8 (learning_rate=0.003, the largest of 3)." in text

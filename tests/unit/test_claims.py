@@ -35,7 +35,7 @@ BASE = 100                # the reference run (b) is right on the first BASE exa
 LR = "train.learning_rate"
 LABELS = {"a": "qv r=4", "b": "query r=8", "c": "qkvo r=2"}
 VARIANTS = {k: Variant(label=v, overrides={}) for k, v in LABELS.items()}
-DISTS = {"variant": CategoricalDistribution(list(LABELS)), LR: CategoricalDistribution([1e-3, 3e-3])}
+DISTS = {"variant": CategoricalDistribution(list(LABELS)), LR: CategoricalDistribution([1e-3, 3e-3, 1e-2])}
 
 
 def reference() -> np.ndarray:
@@ -326,3 +326,15 @@ def test_the_report_has_the_section_only_with_claims(raw_claims):
     assert section and checked.replace("\n" + section, "", 1) == plain  # the rest of the report untouched
     assert "**Verdict: holds** (validation: holds, test: holds)" in section
     assert "| test | qv r=4 | 60.0 | query r=8 | 50.0 | +10.0 |" in section
+
+
+def test_a_side_chosen_at_the_edge_of_its_candidates_is_named():
+    """Bug: a claim compared a variant whose best rate was the smallest (or largest) of its candidates without
+    saying so: its own best may lie beyond them, so the claim may read it below its best."""
+    runs = [("a", against(30, 10), None, 1e-3), ("a", against(0, 40), None, 3e-3), ("a", against(0, 50), None, 1e-2),
+            ("b", against(0, 60), None, 1e-3), ("b", reference(), None, 3e-3), ("b", against(0, 60), None, 1e-2)]
+    r = check(directional(), runs)
+    a, b = r.sides
+    assert (a.tuned, a.edge, b.tuned, b.edge) == ({LR: 1e-3}, ("learning_rate=0.001, the smallest of 3",), {LR: 3e-3}, ())
+    assert ("- qv r=4 at learning_rate=0.001: at the edge of its candidates (learning_rate=0.001, the smallest of 3)"
+            in text_of(r)) and "query r=8 at learning_rate=0.003: at the edge" not in text_of(r)
