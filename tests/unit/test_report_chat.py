@@ -179,7 +179,7 @@ def test_the_objective_stores_the_sample_table_the_report_reads(make_config, tmp
     metrics = {"eval_exact_match": 0.5, "trainable_params": 1, "trainable_pct": 1.0, "peak_memory_mb": 1.0,
                "epoch_time_s": 1.0}
     result = types.SimpleNamespace(figures=types.SimpleNamespace(stored=lambda: {}), epochs=[], memory_kind="",
-                                   batch_shapes={}, steps=[], examples=None, test_examples=None,
+                                   batch_shapes={}, steps=[], evaluated_at_s=[], examples=None, test_examples=None,
                                    retention_examples=None, samples=sample_table(16), metrics=metrics)
     objective._finish(trial, types.SimpleNamespace(label="r=16"), _Run("t", "epoch", 1), result)
     study.tell(trial, 0.5)
