@@ -31,9 +31,10 @@ from optuna.trial import TrialState
 
 from lora_sweep import record
 from lora_sweep.config import Config
+from lora_sweep.config.checks import flatten
 from lora_sweep.config.load import from_mapping
 from lora_sweep.search.samplers import make_pruner, make_sampler, sampler_name
-from lora_sweep.search.space import SearchSpace, _current
+from lora_sweep.search.space import SearchSpace, _current, _encode
 from lora_sweep.search.study import resume
 
 # method -> how the product is configured for it (study.* settings; "tune": the parameter raced per arm)
@@ -85,7 +86,10 @@ def from_study(study: optuna.Study) -> Table:
     study_cfg = stored.get("study") or {}
     metric = study_cfg.get("metric", "eval_accuracy")
     test_metric = "test_" + metric.removeprefix("eval_")
-    params = tuple(stored.get("space") and _flat(stored["space"]) or ())
+    params = tuple(flatten(stored.get("space") or {}))
+    if not params:
+        raise ValueError(f"study {study.study_name!r} stores no searched space (a sweep from before its settings "
+                         f"were stored, or not a sweep): nothing to replay")
     rows = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
         rec = record.TrialRecord.from_trial(t)
@@ -102,13 +106,6 @@ def from_study(study: optuna.Study) -> Table:
                            float("nan") if test is None else float(test), failed=t.state == TrialState.FAIL)
     direction = study_cfg.get("direction", "maximize")
     return Table(params, rows, stored, metric, direction != "minimize")
-
-
-def _flat(space: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k, v in space.items():
-        out += _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
-    return out
 
 
 def to_frame(table: Table) -> pd.DataFrame:
@@ -174,25 +171,24 @@ class Answer:
 
     def __call__(self, trial: optuna.Trial) -> float:
         point = self.space.suggest(trial)
-        key = tuple(_current(point.settings, p) for p in self.table.params)
-        key = tuple(json.dumps(list(k)) if isinstance(k, (list, tuple)) else k for k in key)
+        key = tuple(_encode(_current(point.settings, p)) for p in self.table.params)  # as trial.params hold it
         stored = self.table.rows[key]
         try:
             for step, value, sec in zip(stored.steps, stored.values, stored.seconds):
                 trial.report(value, step)
                 if trial.should_prune():
-                    self._charge(trial, key, "pruned", sec, None)
+                    self._charge(key, "pruned", sec, None)
                     raise optuna.TrialPruned()
             if stored.failed or not stored.values:
-                self._charge(trial, key, "fail", stored.seconds[-1] if stored.seconds else 0.0, None)
+                self._charge(key, "fail", stored.seconds[-1] if stored.seconds else 0.0, None)
                 raise RuntimeError(f"{key}: the stored trial failed")
-            self._charge(trial, key, "complete", stored.seconds[-1], stored.values[-1])
+            self._charge(key, "complete", stored.seconds[-1], stored.values[-1])
             return stored.values[-1]
         finally:
             if self.budget is not None and self.spent >= self.budget:
                 trial.study.stop()
 
-    def _charge(self, trial, key, state, seconds, value) -> None:
+    def _charge(self, key, state, seconds, value) -> None:
         self.spent += seconds
         self.charges.append(Charge(self.spent, key, state, value))
 
@@ -209,10 +205,10 @@ def method_config(table: Table, method: str, seed: int, workdir: Path) -> Config
             rng.shuffle(v)
     choice = {p: f"choice({', '.join(map(_show, v))})" for p, v in values.items()}
     tuned = {spec["tune"]: choice.pop(spec["tune"])} if "tune" in spec else {}
-    raw["space"] = _nest(choice)
+    raw["space"] = choice  # dotted paths: the loader flattens nested ones the same way
     grid_size = math.prod(len(v) for v in values.values())
     raw["study"] = {**raw.get("study", {}), "sampler": spec["sampler"], "pruner": spec["pruner"], "seed": seed,
-                    "sampler_args": spec.get("sampler_args", {}), "pruner_args": {}, "tune": _nest(tuned), "race": True, "workers": 1,
+                    "sampler_args": spec.get("sampler_args", {}), "pruner_args": {}, "tune": tuned, "race": True, "workers": 1,
                     "n_trials": None if spec["sampler"] == "grid" else 10 * grid_size, "storage": None,
                     "name": f"replay-{method}-{seed}", "confirm": None, "warm_start": [], "budget_s": None,
                     "timeout": None}
@@ -222,17 +218,6 @@ def method_config(table: Table, method: str, seed: int, workdir: Path) -> Config
 
 def _show(v) -> str:
     return repr(v) if isinstance(v, float) else str(v)
-
-
-def _nest(flat: dict) -> dict:
-    out: dict = {}
-    for path, v in flat.items():
-        *head, last = path.split(".")
-        d = out
-        for h in head:
-            d = d.setdefault(h, {})
-        d[last] = v
-    return out
 
 
 def replay(table: Table, method: str, seed: int, budget: float | None = None) -> list[Charge]:
@@ -264,13 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if args.study:
-        from lora_sweep.bench.fair import load
+    from lora_sweep.bench.fair import load
 
-        table = from_study(load(args.study))
+    try:  # before anything is written: a bad source is one line, exit 2
+        table = from_study(load(args.study)) if args.study else read_table(args.table)
+    except (ValueError, OSError) as e:
+        parser.error(f"{args.study or args.table}: {e}")
+    if args.study:
         write_table(table, args.out)
-    else:
-        table = read_table(args.table)
     runs = {m: [replay(table, m, seed, budget=table.total_seconds) for seed in range(args.seeds)] for m in METHODS}
     text = replay_report.markdown(table, runs, command="python -m lora_sweep.bench.replay " + " ".join(
         sys.argv[1:] if argv is None else argv))

@@ -131,3 +131,10 @@ def test_the_table_is_read_from_a_stored_study_and_survives_its_csv(tmp_path, ta
     replay.write_table(got, tmp_path / "out")
     again = replay.read_table(tmp_path / "out" / "table.csv")
     assert again.rows == table.rows and again.params == PARAMS and again.settings == got.settings
+
+
+def test_a_study_without_a_stored_space_is_refused_not_replayed_as_one_point():
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.5))
+    with pytest.raises(ValueError, match="stores no searched space"):
+        replay.from_study(study)
