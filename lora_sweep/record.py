@@ -70,7 +70,9 @@ class TrialRecord:
     trainable_params: int | None = None
     total_params: int | None = None
     trainable_pct: float | None = None
-    peak_memory_mb: float | None = None
+    peak_memory_mb: float | None = None      # what memory_kind says: CPU, live tensor bytes over one step
+    predicted_memory_mb: float | None = None # the memory model's peak (lora_sweep.trial.memory), before training
+    peak_rss_mb: float | None = None         # CPU: process RSS peak above the trial's start (sampled), not the table's
     epoch_time_s: float | None = None        # mean seconds per epoch of training, evaluations excluded
     adapter_size_mb: float | None = None     # only when the adapter was saved
     train_seconds: float | None = None       # the run's wall time less its evaluations
@@ -102,6 +104,8 @@ class TrialRecord:
     forgetting_high: float | None = None
     retention_n: int | None = None           # passages scored
     # how it ended, when not complete
+    infeasible: str = ""                     # never trained: its predicted peak exceeds the memory it may use
+    memory_limit_mb: float | None = None     # that memory: train.memory_limit_mb, or the free CUDA memory
     error: str | None = None                 # a failed trial's reason
     memory_after_mb: float | None = None     # process RSS after a failed trial released its memory
     pruned_at_step: int | None = None        # the epoch or optimizer step it was pruned after ...

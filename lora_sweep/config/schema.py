@@ -213,6 +213,7 @@ class TrainConfig:
     fast_dropout: bool = True      # CPU: dropout masks from numpy's SFC64 (lora_sweep/trial/dropout.py)
     fast_attention: bool = True    # with fast_dropout: attention-probability masks too (trial/dropout.py)
     eval_steps: int | None = None  # null: evaluate (and report to the pruner) every epoch; N: every N steps
+    memory_limit_mb: float | None = None  # a trial predicted to need more is pruned as infeasible, never trained
 
     def validate(self) -> None:
         _require(_is_number(self.learning_rate) and self.learning_rate > 0, "train.learning_rate",
@@ -233,6 +234,8 @@ class TrainConfig:
         _bool("train.fast_attention", self.fast_attention)
         if self.eval_steps is not None:
             _positive_int("train.eval_steps", self.eval_steps)
+        _require(self.memory_limit_mb is None or (_is_number(self.memory_limit_mb) and self.memory_limit_mb > 0),
+                 "train.memory_limit_mb", self.memory_limit_mb, "null or a number of megabytes > 0")
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ class StudyConfig:
     warm_start: tuple = ()         # points enqueued as the first trials: "recommended" or {path: value}
     seed: int = 42
     workers: Any = 1                   # N local worker processes, or "auto" (one per visible GPU)
+    trials_per_gpu: Any = 1            # trials run at once on each worker's device: N, or "auto" (as many as fit)
     heartbeat_interval: int = 60       # seconds between a running trial's heartbeats (RDB storages)
     grace_period: int | None = None    # seconds without a heartbeat before a trial counts as dead (null = 2x)
     max_retry: int = 3                 # how often a trial whose worker died is re-queued
@@ -97,6 +98,10 @@ class StudyConfig:
         _require(self.workers == "auto" or (isinstance(self.workers, int) and not isinstance(self.workers, bool)
                                             and self.workers >= 1),
                  "study.workers", self.workers, "an integer >= 1 or auto (one worker per visible GPU)")
+        _require(self.trials_per_gpu == "auto" or (isinstance(self.trials_per_gpu, int) and self.trials_per_gpu >= 1
+                                                   and not isinstance(self.trials_per_gpu, bool)),
+                 "study.trials_per_gpu", self.trials_per_gpu,
+                 "an integer >= 1 or auto (as many trials at once as the memory model says fit)")
         _positive_int("study.heartbeat_interval", self.heartbeat_interval)
         if self.grace_period is not None:
             _require(isinstance(self.grace_period, int) and self.grace_period > self.heartbeat_interval,

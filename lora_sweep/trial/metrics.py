@@ -19,7 +19,8 @@ import numpy as np
 
 MEMORY_KINDS = {
     "cuda": "cuda_max_allocated",
-    "cpu": "cpu_peak_rss_above_trial_start_sampled",
+    "cpu": "cpu_peak_live_tensors_one_step",   # lora_sweep.trial.memory.measure_step
+    "rss": "cpu_peak_rss_above_trial_start_sampled",  # TrialRecord.peak_rss_mb on a CPU
 }
 
 
@@ -50,7 +51,7 @@ class PeakMemory:
 
     def __init__(self, device: str, interval_s: float = 0.01):
         self.device = device
-        self.kind = MEMORY_KINDS["cuda" if device == "cuda" else "cpu"]
+        self.kind = MEMORY_KINDS["cuda" if device == "cuda" else "rss"]
         self.interval_s = interval_s
         self.peak_mb = 0.0
         self._stop = threading.Event()

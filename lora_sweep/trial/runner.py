@@ -16,7 +16,7 @@ from lora_sweep.trial.train import train
 # What the report and the objective read from a finished trial (Optuna user attrs, MLflow metrics).
 RESULT_KEYS = ("eval_accuracy", "eval_loss", "eval_f1", "train_loss", "trainable_params", "total_params",
                "trainable_pct", "peak_memory_mb", "epoch_time_s", "adapter_size_mb", "train_seconds", "eval_seconds",
-               "lora_params")
+               "lora_params", "predicted_memory_mb", "peak_rss_mb")
 # Language-model tasks only (lora_sweep/trial/tasks.py); on plain text eval_accuracy/eval_f1 are absent;
 # the examples_* counts on instruction/chat data only (lora_sweep/trial/chat.py).
 LM_RESULT_KEYS = ("eval_perplexity", "examples_kept", "examples_prompt_truncated", "examples_dropped",
@@ -46,6 +46,8 @@ class Figures:
     trainable_pct: float | None = None
     lora_params: int | None = None
     peak_memory_mb: float | None = None
+    predicted_memory_mb: float | None = None
+    peak_rss_mb: float | None = None
     epoch_time_s: float | None = None
     adapter_size_mb: float | None = None
     train_seconds: float | None = None
