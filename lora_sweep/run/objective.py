@@ -49,6 +49,16 @@ def mlflow_params(settings: TrialSettings, targets: tuple) -> dict:
     }
 
 
+def memory_limit(cap_mb: float | None, device: str) -> tuple[float | None, str]:
+    """(MB a trial may use, where that figure comes from): the cap, or the free CUDA memory, the lower."""
+    limits = [(cap_mb, "train.memory_limit_mb")] if cap_mb is not None else []
+    if device == "cuda":
+        import torch
+
+        limits.append((torch.cuda.mem_get_info()[0] / 2**20, "free CUDA memory"))
+    return min(limits) if limits else (None, "")
+
+
 class Objective:
     """Optuna objective: sample a point, run it, record it (Optuna user attrs + an MLflow child run)."""
 
@@ -71,10 +81,11 @@ class Objective:
         (each evaluation reported to the pruner), then finish, or pruned, or failed."""
         self.started += 1
         point = self._suggest(trial)
-        ready = prepare(point.settings)  # settings within the budget, splits, targets: resolved once
+        ready = prepare(point.settings, self.device)  # settings within the budget, splits, targets, memory: once
         point = with_budget(point, ready)
         run = self._start(trial, point, ready)
         try:
+            self._check_memory(trial, ready)
             result = self._train(trial, point, run, ready)
         except optuna.TrialPruned as e:
             self._pruned(trial, run, e)
@@ -110,7 +121,8 @@ class Objective:
         preview = ready.targets
         params = mlflow_params(point.settings, preview)
         record.write(trial, params={k: _jsonable(v) for k, v in params.items()},
-                     lora_scale=float(point.settings.lora.scale))
+                     lora_scale=float(point.settings.lora.scale),
+                     predicted_memory_mb=round(ready.memory.peak_mb, 1) if ready.memory is not None else None)
         confirms = trial.user_attrs.get("confirms")  # a confirmation run: the search trial it repeats
         run.run_id = self.tracker.start_trial(self.parent_run_id, run_name(point), params, {
             **self.base_tags, "optuna_trial_number": trial.number, "label": point.label,
@@ -120,6 +132,16 @@ class Objective:
                  point.settings.lora.effective_alpha, ",".join(preview) or point.settings.lora.target_modules,
                  point.settings.lora.lora_dropout, point.settings.lora.bias)
         return run
+
+    def _check_memory(self, trial: optuna.Trial, ready: Prepared) -> None:
+        """Infeasible: its predicted peak exceeds what it may use (train.memory_limit_mb, or the free CUDA
+        memory); recorded with both figures and pruned before any step, so a resumed grid skips it too."""
+        limit, source = memory_limit(ready.settings.train.memory_limit_mb, self.device)
+        if limit is None or ready.memory is None or ready.memory.peak_mb <= limit:
+            return
+        reason = f"predicted {ready.memory.peak_mb:,.0f} MB > {limit:,.0f} MB allowed ({source})"
+        record.write(trial, infeasible=reason, memory_limit_mb=round(limit, 1))
+        raise optuna.TrialPruned(f"infeasible, not trained: {reason}")
 
     def _on_epoch(self, trial: optuna.Trial, run: "_Run", step: int, metrics: dict) -> None:
         """One evaluation: logged, shown, and reported to the pruner (single-objective studies only)."""
@@ -197,8 +219,9 @@ class Objective:
         self.progress.trial_finished(m.get(self.config.study.metric), point.label)
         quality = "  ".join(f"{k}={m[k]:.4f}" for k in ("eval_accuracy", "eval_exact_match", "eval_chrf",
                                                          "eval_perplexity") if k in m)
-        log.info("%s done: %s  trainable=%s (%.2f%%)  peak_memory=%.0f MB  %.1f s/epoch", run.tag, quality,
-                 f"{m['trainable_params']:,}", m["trainable_pct"], m["peak_memory_mb"], m["epoch_time_s"])
+        predicted = f" (predicted {m['predicted_memory_mb']:.0f})" if "predicted_memory_mb" in m else ""
+        log.info("%s done: %s  trainable=%s (%.2f%%)  peak_memory=%.0f MB%s  %.1f s/epoch", run.tag, quality,
+                 f"{m['trainable_params']:,}", m["trainable_pct"], m["peak_memory_mb"], predicted, m["epoch_time_s"])
         if self.config.study.multi_objective:
             return tuple(float(m[k]) for k in self.config.study.objectives)
         return m[self.config.study.metric]

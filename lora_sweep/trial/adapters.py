@@ -50,7 +50,7 @@ def linear_modules(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def _role(relative: str) -> str | None:
+def role(relative: str) -> str | None:
     # Longest, most specific patterns first: "attention.output.dense" before "output.dense".
     for role, patterns in sorted(_ROLES.items(), key=lambda kv: kv[0] != "o"):
         for p in patterns:
@@ -72,7 +72,7 @@ def resolve_targets(target_modules, model: nn.Module) -> Targets:
     available = sorted(set(linears.values()))
     if isinstance(target_modules, str) and target_modules in PRESETS:
         roles = PRESETS[target_modules]
-        chosen = [n for n, rel in linears.items() if roles is None or _role(rel) in roles]
+        chosen = [n for n, rel in linears.items() if roles is None or role(rel) in roles]
         if not chosen:
             raise ConfigError(
                 f"lora.target_modules={target_modules!r} found no matching layers in {kind}. Its Linear "

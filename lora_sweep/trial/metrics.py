@@ -3,9 +3,11 @@ and the scores of generated text (normalised exact match, chrF).
 
 Memory is reported as what it is:
 - CUDA: torch.cuda.max_memory_allocated over the trial, counters reset at its start (exact).
-- CPU: the process's peak resident set size above its size at the trial's start, sampled every
-  10 ms by a thread (a lower bound of the true peak). Freed heap is handed back to the OS between
-  trials (malloc_trim) so a later trial's figure does not hide inside memory an earlier one grew.
+- CPU: the most live tensor bytes over one training step and one eval batch (lora_sweep.trial.memory),
+  the figure that follows the configuration; beside it (peak_rss_mb) the process's peak resident set
+  size above its size at the trial's start, sampled every 10 ms by a thread (a lower bound of the
+  true peak). Freed heap is handed back to the OS between trials (malloc_trim) so a later trial's
+  RSS does not hide inside memory an earlier one grew.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 
 MEMORY_KINDS = {
     "cuda": "cuda_max_allocated",
-    "cpu": "cpu_peak_live_tensors_one_step",   # lora_sweep.trial.memory.measure_step
+    "cpu": "cpu_peak_live_tensors_one_step",   # lora_sweep.trial.memory.measure
     "rss": "cpu_peak_rss_above_trial_start_sampled",  # TrialRecord.peak_rss_mb on a CPU
 }
 

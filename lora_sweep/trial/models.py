@@ -83,6 +83,24 @@ def load_tokenizer(config: ModelConfig):
     return tok
 
 
+def meta_model(config: ModelConfig, labels: tuple, task_type: str) -> nn.Module:
+    """The model's skeleton on the meta device (shapes and dtypes, no memory): what the memory model reads
+    where the real weights are not loaded yet (a 4-bit base is loaded inside its trial)."""
+    from transformers import AutoConfig
+
+    from lora_sweep.trial.tasks import get_task
+
+    path, extra = model_location(config)
+    model_config = AutoConfig.from_pretrained(path, revision=config.revision,
+                                              trust_remote_code=config.trust_remote_code, **extra)
+    task = get_task(task_type)
+    for key, value in task.model_kwargs(labels).items():
+        setattr(model_config, key, value)
+    with torch.device("meta"):
+        return task.model_class().from_config(model_config, trust_remote_code=config.trust_remote_code,
+                                              dtype=getattr(torch, config.bnb_4bit_compute_dtype))
+
+
 def load_base(config: ModelConfig, labels: tuple, seed: int, task_type: str = "SEQ_CLS") -> BaseModel:
     """The pristine base model for (config, labels, task), loaded once per process, with the
     weights `from_pretrained` initialises under `seed` (fresh_copy applies them)."""

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Callable
 
 from lora_sweep.config import TrialSettings
-from lora_sweep.trial import adapters, chat, data, models, retention
+from lora_sweep.trial import adapters, chat, data, memory, models, retention
 from lora_sweep.trial.dropout import use_fast_dropout
-from lora_sweep.trial.metrics import PeakMemory, release_memory
+from lora_sweep.trial.metrics import MEMORY_KINDS, PeakMemory, release_memory
 from lora_sweep.trial.train import train
 
 # What the report and the objective read from a finished trial (Optuna user attrs, MLflow metrics).
@@ -120,16 +120,38 @@ class Prepared:
     base: object = None
     splits: data.Splits | None = None
     targets: tuple = ()
+    memory: memory.Prediction | None = None  # its predicted peak on the device it will train on
 
 
-def prepare(settings: TrialSettings) -> Prepared:
+def prepare(settings: TrialSettings, device: str = "cpu") -> Prepared:
+    from lora_sweep.trial.train import precision_name
+
     task = chat.get_task(settings.lora.task_type, settings.data, data.load_splits(settings.data).format)
+    precision = precision_name(settings.train, device)
     if settings.model.load_in_4bit:  # loading one just to name its modules would double the trial's load time
-        return Prepared(settings, task)
+        shape = (settings.train.per_device_train_batch_size, settings.data.max_length)
+        skeleton = models.meta_model(settings.model, labels_of(settings), settings.lora.task_type)
+        targets = adapters.resolve_targets(settings.lora.target_modules, skeleton)
+        return Prepared(settings, task, memory=memory.predict(
+            skeleton, settings, targets, shape, (settings.train.per_device_eval_batch_size, shape[1]), device, precision))
     base = models.load_base(settings.model, labels_of(settings), settings.train.seed, settings.lora.task_type)
     settings = replace(settings, lora=adapters.apply_budget(settings.lora, base.model))  # r within lora.param_budget
     splits = data.tokenized(settings.data, base.tokenizer, tokenizer_key=settings.model.name_or_path, task=task)
-    return Prepared(settings, task, base, splits, adapters.resolve_targets(settings.lora.target_modules, base.model).names)
+    targets = adapters.resolve_targets(settings.lora.target_modules, base.model)
+    predicted = memory.predict(base.model, settings, targets, batch_shape(splits.train, settings.train.per_device_train_batch_size),
+                               batch_shape(splits.eval, settings.train.per_device_eval_batch_size), device, precision)
+    return Prepared(settings, task, base, splits, targets.names, predicted)
+
+
+def batch_shape(dataset, size: int) -> tuple[int, int]:
+    """The largest padded batch of `size` examples from `dataset`: examples x its longest example's tokens."""
+    lengths = [len(ids) for ids in dataset["input_ids"]] if dataset is not None and len(dataset) else [1]
+    return min(size, len(lengths)), max(lengths)
+
+
+def largest_prediction(settings: list[TrialSettings], device: str) -> float:
+    """MB: the largest predicted peak over these trials' settings (a space's corner points)."""
+    return max(prepare(s, device).memory.peak_mb for s in settings)
 
 
 def run_trial(settings: TrialSettings | Prepared, device: str, on_epoch: Callable[[int, dict], None],
@@ -138,8 +160,8 @@ def run_trial(settings: TrialSettings | Prepared, device: str, on_epoch: Callabl
     it. Pure of Optuna/MLflow: usable alone."""
     from transformers import set_seed
 
-    ready = settings if isinstance(settings, Prepared) else prepare(settings)
-    task, base, splits, settings = ready.task, ready.base, ready.splits, ready.settings
+    ready = settings if isinstance(settings, Prepared) else prepare(settings, device)
+    task, base, splits, settings, predicted = ready.task, ready.base, ready.splits, ready.settings, ready.memory
     if base is None:  # a 4-bit base: loaded for this trial alone
         base = models.load_base(settings.model, labels_of(settings), settings.train.seed, settings.lora.task_type)
         settings = replace(settings, lora=adapters.apply_budget(settings.lora, base.model))
@@ -149,7 +171,7 @@ def run_trial(settings: TrialSettings | Prepared, device: str, on_epoch: Callabl
     try:
         # before LoRA wraps anything (a 4-bit base is this trial's own model) and outside the peak memory
         base_scores = retention.base_losses(base, settings, device) if retention.applies(settings) else None
-        with PeakMemory(device) as memory:
+        with PeakMemory(device) as rss:
             model = models.fresh_copy(base)
             set_seed(settings.train.seed)  # same LoRA init and batch order wherever the trial runs
             peft_model, targets = adapters.apply_lora(model, settings.lora,
@@ -157,6 +179,7 @@ def run_trial(settings: TrialSettings | Prepared, device: str, on_epoch: Callabl
             if settings.train.fast_dropout and device == "cpu":
                 use_fast_dropout(peft_model, attention=settings.train.fast_attention)
             trainable, total = adapters.parameter_counts(peft_model)
+            live = measured_peak(peft_model, splits, task, base.tokenizer, settings) if device == "cpu" else None
             t0 = time.perf_counter()
             outcome = train(peft_model, base.tokenizer, splits.train, splits.eval, settings.train, device,
                             on_epoch, task=task, generate=splits.generate, labels=splits.labels,
@@ -170,7 +193,9 @@ def run_trial(settings: TrialSettings | Prepared, device: str, on_epoch: Callabl
             "lora_params": adapters.lora_parameter_count(peft_model),
             "total_params": total,
             "trainable_pct": 100.0 * trainable / total,
-            "peak_memory_mb": memory.peak_mb,
+            "peak_memory_mb": live if live is not None else rss.peak_mb,
+            "peak_rss_mb": rss.peak_mb if live is not None else None,
+            "predicted_memory_mb": predicted.peak_mb if predicted is not None else None,
             "epoch_time_s": outcome.epoch_time_s,
             "train_seconds": wall - outcome.eval_seconds - outcome.test_seconds,
             "eval_seconds": outcome.eval_seconds,
@@ -196,7 +221,8 @@ def run_trial(settings: TrialSettings | Prepared, device: str, on_epoch: Callabl
             saved = adapter_dir
         result = TrialResult(figures=Figures(**values), epochs=outcome.epochs, steps=outcome.steps,
                              evaluated_at_s=outcome.evaluated_at_s,
-                             target_modules=targets.names, memory_kind=memory.kind, adapter_dir=saved,
+                             target_modules=targets.names,
+                             memory_kind=MEMORY_KINDS["cpu"] if live is not None else rss.kind, adapter_dir=saved,
                              batch_shapes=outcome.batch_shapes, examples=outcome.examples,
                              samples=getattr(task, "last_samples", None), test_examples=outcome.test_examples,
                              retention_examples=kept.examples if kept is not None else None)
@@ -206,6 +232,16 @@ def run_trial(settings: TrialSettings | Prepared, device: str, on_epoch: Callabl
         if settings.model.load_in_4bit:
             del base
         release_memory()
+
+
+def measured_peak(peft_model, splits: data.Splits, task, tokenizer, settings: TrialSettings) -> float:
+    """MB: the most live tensor bytes over one training step at the largest training batch, or over one
+    evaluation forward pass at the largest eval batch, whichever is more (trial/memory.py)."""
+    collate = task.collator(tokenizer)
+    train_batch = memory.largest_batch(splits.train, collate, settings.train.per_device_train_batch_size)
+    eval_batch = memory.largest_batch(splits.eval, collate, settings.train.per_device_eval_batch_size)
+    return max(memory.measure(peft_model, train_batch, eval_batch, settings.train.learning_rate,
+                              settings.train.weight_decay))
 
 
 def held_out_figures(frame, shape: str, labels: tuple, seconds: float) -> dict:

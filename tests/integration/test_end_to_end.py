@@ -77,7 +77,7 @@ def test_two_trial_rank_sweep_end_to_end(tmp_path):
         history = client.get_metric_history(child.info.run_id, "eval_accuracy")
         assert sorted(h.step for h in history) == [1, 2, 2]  # per epoch, then the final value at the last step
         assert tags["status"] == "complete"
-        assert tags["memory_kind"] == "cpu_peak_rss_above_trial_start_sampled"
+        assert tags["memory_kind"] == "cpu_peak_live_tensors_one_step"
         assert tags["device"].startswith("CPU") and "version.peft" in tags and "git_commit" in tags
         artifacts = [a.path for a in client.list_artifacts(child.info.run_id, "adapter")]
         assert "adapter/adapter_model.safetensors" in artifacts
@@ -101,7 +101,7 @@ def test_two_trial_rank_sweep_end_to_end(tmp_path):
     report = (tmp_path / "reports" / "rank" / "report.md").read_text()
     from lora_sweep.report import COLUMNS
 
-    columns = [*COLUMNS[:3], "Test (%)", *COLUMNS[3:]]  # data.test_size: the held-out accuracy beside the CI
+    columns = [*COLUMNS[:3], "Test (%)", *COLUMNS[3:6], "Predicted (MB)", *COLUMNS[6:]]  # test split; prediction
     header = "|" + "|".join(columns) + "|"
     assert header.replace(" ", "") in report.replace(" ", "")
     assert "## Held-out test split" in report and "selection optimism" in report
