@@ -210,6 +210,8 @@ def _outcome(c: Candidate, choice: ArmChoice, runs: pd.DataFrame, unit: str, ope
     if len(stopped):
         at = int(stopped["pruned_at_step"].max())
         return f"stopped at {unit} {at}, race undecided" if open_race else f"dropped at {unit} {at}"
+    if "pruned" in status and "infeasible" in runs and (runs["infeasible"].fillna("") != "").any():
+        return "infeasible, not trained"  # its predicted memory exceeded the limit; no race stopped it
     return "failed" if "failed" in status else "excluded, not trained" if "pruned" in status else "no result"
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from lora_sweep import record
-from lora_sweep.report import findings, table
+from lora_sweep.report import findings, notes, table
 from lora_sweep.config import Config
 from lora_sweep.report.plots import fresh_plots, write_plots
 
@@ -79,7 +79,7 @@ def markdown(config: Config, studies: dict, df: pd.DataFrame, plots: list[Path])
     lines += ["", "## Results", ""]
     rows = table.guide_table(df, sweep_column=True) if len(df) else pd.DataFrame()
     lines.append(table.to_markdown(rows) if len(rows) else "_No complete trials yet._")
-    lines += ["", *table.notes_lines(df), "", "## Findings", ""]
+    lines += ["", *notes.notes_lines(df), "", "## Findings", ""]
     eval_sizes = {m.get("eval_size") for m in metas.values()}
     eval_size = next(iter(eval_sizes)) if len(eval_sizes) == 1 else None
     done = findings.complete(df)
@@ -96,6 +96,8 @@ def markdown(config: Config, studies: dict, df: pd.DataFrame, plots: list[Path])
                                         findings.param_importances(study, config.study.metric), examples)
         lines += [f"- {f}" for f in found]
     lines += table.plots_section(plots)
-    lines += table.problems_section(df.assign(label=df["label"] + " [" + df["sweep"] + "]") if len(df) else df)
+    named = df.assign(label=df["label"] + " [" + df["sweep"] + "]") if len(df) else df
+    lines += notes.infeasible_section(named)
+    lines += notes.problems_section(named)
     lines.append("")
     return "\n".join(lines)

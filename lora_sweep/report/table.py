@@ -2,8 +2,9 @@
 
 The markdown table has the columns of the guide's "Applied Examples" table (seed 004), units in the
 headers, one row per trial with its Pareto mark and trial number (instruction/chat data: exact match
-with its count, chrF, eval loss, capped answers); findings (findings.py), the recommendation, the held-out
-split, the config's claims (claims.py), sample generations (chat data) and PNG plots (plots.py) follow.
+with its count, chrF, eval loss, capped answers) and its footnotes (notes.py); findings (findings.py), the
+recommendation, the held-out split, the config's claims (claims.py), sample generations (chat data), PNG plots
+(plots.py) and the trials without a result (notes.py) follow.
 Every figure comes from the trial's stored record and files beside the study (per-example results, sample
 generations), so `python -m lora_sweep report +sweep=NAME` rebuilds it without training; publish() puts it
 on the sweep's MLflow parent run.
@@ -24,13 +25,14 @@ from lora_sweep import record
 from lora_sweep.config import Config, ConfigError
 import lora_sweep.report.arms as arms
 import lora_sweep.report.claims as claims
-from lora_sweep.report.budget import NOTE as BUDGET_NOTE, budget_column
+from lora_sweep.report.budget import budget_column
 from lora_sweep.report.frame import _eval_size, data_read, load_examples, load_samples, reported_frame, trials_frame
 import lora_sweep.report.heldout as heldout
 from lora_sweep.report.findings import (complete, compared, config_keys, noise, pareto_mask, pareto_sentence,
                                         param_importances, sweep_findings, verdict_of)
 from lora_sweep.report.paired import TEXT_LIMIT, text_cell
 from lora_sweep.report.forgetting import lines as forgetting_lines, plot as forgetting_plot
+from lora_sweep.report.notes import infeasible_section, notes_lines, problems_section, shows_predicted
 from lora_sweep.report.plots import TITLES, fresh_plots, write_plots
 from lora_sweep.trial.precision import describe as describe_precision
 
@@ -50,7 +52,7 @@ def guide_table(df: pd.DataFrame, sweep_column: bool = False, metric: str = "eva
         "95% CI": [_interval(r) for _, r in done.iterrows()],
         "Trainable params": done["trainable_params"].map(lambda v: f"{int(v):,}"),
         "Trainable (%)": done["trainable_pct"].map(lambda v: f"{v:.2f}"),
-        "Memory (MB)": done["peak_memory_mb"].map(lambda v: f"{v:,.0f}" if pd.notna(v) else "n/a"),
+        "Memory (MB)": done["peak_memory_mb"].map(_mb),
         "Training time (s/epoch)": done["epoch_time_s"].map(lambda v: f"{v:.1f}" if pd.notna(v) else "n/a"),
         "Pareto": pareto.map(lambda p: "✓" if p else ""),
         "Trial": done["trial"].map(lambda n: f"#{n}"),
@@ -58,6 +60,8 @@ def guide_table(df: pd.DataFrame, sweep_column: bool = False, metric: str = "eva
     if "test_accuracy" in done and done["test_accuracy"].notna().any():  # data.test_size: the held-out split
         table.insert(table.columns.get_loc("95% CI") + 1, "Test (%)", done["test_accuracy"].map(
             lambda v: "n/a" if pd.isna(v) else f"{100 * v:.1f}"))
+    if shows_predicted(done):  # the memory model's figure beside the measured one
+        table.insert(table.columns.get_loc("Memory (MB)") + 1, "Predicted (MB)", done["predicted_memory_mb"].map(_mb))
     if "eval_perplexity" in done and done["eval_perplexity"].notna().any():  # CAUSAL_LM / SEQ_2_SEQ_LM
         table.insert(3, "Perplexity", done["eval_perplexity"].map(
             lambda v: "n/a" if pd.isna(v) else f"{v:.2f}"))
@@ -115,6 +119,10 @@ def _interval(row) -> str:
     return "n/a" if low is None or high is None or pd.isna(low) or pd.isna(high) else f"{100 * low:.1f}–{100 * high:.1f}"
 
 
+def _mb(v) -> str:
+    return f"{v:,.0f}" if pd.notna(v) else "n/a"
+
+
 def _cell(v) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
@@ -144,13 +152,19 @@ def _facts(config: Config, study: optuna.Study, df: pd.DataFrame) -> list[tuple[
         ("Date", meta.get("date", "?")),
         ("Search", f"{meta.get('sampler', '?')} over "
                    + (", ".join(f"`{k}: {v}`" for k, v in meta.get("space", {}).items()) or "the base config")),
-        ("Trials", ", ".join(f"{v} {k}" for k, v in counts.items()) or "none yet"),
+        ("Trials", ", ".join(f"{v} {k}" + _infeasible_count(df, k) for k, v in counts.items()) or "none yet"),
         ("Command", f"`{meta.get('command', '')}`"),
         ("MLflow", f"experiment `{meta.get('experiment_name', config.experiment_name)}` at "
                    f"`{meta.get('tracking_uri', config.tracking_uri)}`"),
         ("Versions", ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items())
          + f"; git {meta.get('git_commit', '?')}"),
     ]
+
+
+def _infeasible_count(df: pd.DataFrame, status: str) -> str:
+    """' (2 infeasible, not trained)' after the pruned count: Optuna prunes them, but no pruner stopped them."""
+    n = int((df["infeasible"].fillna("") != "").sum()) if status == "pruned" and "infeasible" in df else 0
+    return f" ({n} infeasible, not trained)" if n else ""
 
 
 def markdown(config: Config, study: optuna.Study, df: pd.DataFrame, plots: list[Path] = (),
@@ -182,6 +196,7 @@ def markdown(config: Config, study: optuna.Study, df: pd.DataFrame, plots: list[
         samples_section(df, samples, config.study.metric),  # instruction/chat data
         forgetting_lines(df, config.study_dir),             # CAUSAL_LM: data.retention_size
         plots_section(plots),
+        infeasible_section(df),                             # train.memory_limit_mb: never trained
         problems_section(df),
     ]
     for part in sections:
@@ -224,33 +239,6 @@ def held_out(config: Config, df: pd.DataFrame, pv):
     return heldout.repeat(pv, df, tests) if tests else None
 
 
-def notes_lines(df: pd.DataFrame, max_new_tokens: int | None = None) -> list[str]:
-    kinds = sorted(set(df.get("memory_kind", pd.Series(dtype=str)).dropna()) - {""}) if len(df) else []
-    language_model = "eval_perplexity" in df and df["eval_perplexity"].notna().any()
-    chat = "eval_exact_match" in df and df["eval_exact_match"].notna().any()
-    notes = [*(_CHAT_NOTES if chat else _LM_NOTES if language_model else ["Accuracy: eval accuracy after the last epoch."]),
-             "Trainable params: trainable parameters as peft counts them (LoRA weights plus any classifier "
-             "head, which peft trains in full); Trainable (%): their share of all parameters.",
-             "95% CI: the accuracy's Wilson 95% interval over the eval examples it counts (eval_n in report.csv).",
-             *(["Test: accuracy on the held-out test split (data.test_size; test_n in report.csv), which nothing "
-                "that chose a configuration read."] if "test_accuracy" in df and df["test_accuracy"].notna().any()
-               else []),
-             "Training time: mean seconds per epoch of training, evaluation excluded.",
-             "Pareto: ✓ where no other row is both more accurate and trains a smaller share of parameters.",
-             "Trial: the Optuna trial number (its MLflow run id is in report.csv)."]
-    if chat:  # no accuracy: no Wilson interval, and the Pareto front (accuracy vs trainable %) stays empty
-        notes = [n for n in notes if not n.startswith(("95% CI", "Pareto"))]
-        if "answers_capped" in df and df["answers_capped"].notna().any():
-            limit = f" ({max_new_tokens} tokens)" if max_new_tokens else ""
-            notes.insert(2, f"Capped: generated answers that stopped at data.max_new_tokens{limit} before ending "
-                            "their turn, of those generated; a capped answer is scored as it stands.")
-    if len(df) and budget_column(complete(df)) is not None:
-        notes.insert(2, BUDGET_NOTE)
-    if kinds:
-        notes.append("Memory: " + "; ".join(_MEMORY_NOTES.get(k, k) for k in kinds) + ".")
-    return [f"_{note}_  " for note in notes]
-
-
 def plots_section(plots) -> list[str]:
     if not plots:
         return []
@@ -258,36 +246,6 @@ def plots_section(plots) -> list[str]:
     for p in plots:
         lines += [f"![{TITLES[p.name]}]({p.name})", ""]
     return lines[:-1]
-
-
-def problems_section(df: pd.DataFrame) -> list[str]:
-    problems = df[df["status"].isin(["failed", "pruned"])] if len(df) else df
-    if not len(problems):
-        return []
-    lines = ["", "## Trials without a result", ""]
-    for _, row in problems.iterrows():
-        why = (row["error"] if row["status"] == "failed" else f"excluded, not trained: {row['excluded']}"
-               if row["excluded"] else arms.why_stopped(row, df))
-        lines.append(f"- trial {row['trial']} ({row['label']}): **{row['status']}**: {why}")
-    return lines
-
-
-_LM_NOTES = ["Accuracy: share of eval examples (the first data.generate_size) whose greedily generated answer "
-             "is exactly the label, after the last epoch; n/a on plain text.",
-             "Perplexity: exp(eval_loss), the loss on the answer tokens only (every token on plain text)."]
-
-_CHAT_NOTES = ["Exact match: share of eval examples (the first data.generate_size) whose greedily generated answer "
-               "equals the reference after normalising both (punctuation removed, outer whitespace stripped, "
-               "inner whitespace collapsed to one space, casefolded), at the last epoch (data.generate_at); "
-               "(matched/scored): the answers that matched, of those generated and scored (eval_n in report.csv).",
-               "chrF: sacrebleu's corpus chrF (0-100; character 6-grams, beta 2) of the same generated answers.",
-               _LM_NOTES[1] + " Eval loss: that loss itself (mean per answer token over every eval example)."]
-
-_MEMORY_NOTES = {
-    "cuda_max_allocated": "peak CUDA memory allocated by torch during the trial (counters reset per trial)",
-    "cpu_peak_rss_above_trial_start_sampled": "peak resident memory of the process above its size at the "
-    "trial's start (model copy, adapter, optimizer state, activations), sampled every 10 ms",
-}
 
 
 def write_report(config: Config, study: optuna.Study | None = None) -> Path | None:
