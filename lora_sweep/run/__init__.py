@@ -5,9 +5,9 @@ from __future__ import annotations
 
 
 def sweep_or_launch(config):
-    """Run the sweep here (study.workers=1) and return its study, or start the workers and return
-    their exit status (or the study, when one worker runs in this process)."""
-    if config.study.workers != 1:
+    """Run the sweep here (study.workers=1, study.trials_per_gpu=1) and return its study, or start the
+    workers and return their exit status (or the study, when one worker runs in this process)."""
+    if config.study.workers != 1 or config.study.trials_per_gpu != 1:  # auto may still come to one
         from lora_sweep.run.workers import launch
         from lora_sweep.search.samplers import sampler_name
         from lora_sweep.search.space import SearchSpace

@@ -3,7 +3,9 @@
 # no network (results: reports/gpu/README.md).
 #
 #   bash tests/gpu/device_check.sh prepare   # on a machine with pip and network: fills .gpu/carry/
-#   bash tests/gpu/device_check.sh           # on the GPU machine, from the repository root
+#   bash tests/gpu/device_check.sh           # on the GPU machine, from the repository root: (a)-(e)
+#   bash tests/gpu/device_check.sh packing   # the same machine, a second call: setup, then (f) only
+#   bash tests/gpu/device_check.sh all       # (a)-(f) in one go, where one call may take ~15 minutes
 #
 # `prepare` writes .gpu/carry/ (git-ignored, about 53 MiB): wheels of what such an image lacks
 # (optuna, hydra-core/omegaconf/antlr4, mlflow-skinny + its store deps, datasets, bitsandbytes with
@@ -18,15 +20,23 @@
 #   (b) study.workers=auto on the visible GPU(s);
 #   (c) a real CUDA out-of-memory: a trial under torch.cuda.set_per_process_memory_fraction;
 #   (d) tests/gpu with pytest, and QLoRA (4-bit NF4) against bf16 LoRA on one LLaMA-shaped model;
-#   (e) python -m lora_sweep.bench at a small train_size (its MFU line).
-# Logs, reports and summary.md go to $OUT (default: gpu-out/), at most 8 files.
+#   (e) python -m lora_sweep.bench at a small train_size (its MFU line);
+#   (f) study.trials_per_gpu: a 16-trial MiniLM grid (4 ranks x 4 seeds) once with trials_per_gpu=1 and
+#       once with auto, each timed: trials/hour of both and their ratio (target >= 3x), and each trial's
+#       predicted against its measured CUDA peak. Sized for one 10-minute call with the setup: 1,000
+#       train / 250 eval / 250 test tweets (the rank sweep's 2,000 / 500 / 500 halved), 2 epochs.
+# Each call takes under 10 minutes: run (setup ~1 min, (a)-(e) ~5 min), packing (setup, then at most
+# 240 + 150 s). Logs, reports and summary.md go to $OUT (default: gpu-out/), at most 8 files.
 set -u
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 CARRY=$ROOT/.gpu/carry
 PY=${PYTHON:-python3}
 
-if [ "${1:-run}" = prepare ]; then
+MODE=${1:-run}  # prepare | run | packing | all
+case $MODE in prepare|run|packing|all) ;; *) echo "usage: $0 [prepare|run|packing|all], not '$MODE'"; exit 2;; esac
+
+if [ "$MODE" = prepare ]; then
   set -e
   mkdir -p "$CARRY/whl" .gpu/local
   plat="--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
@@ -140,6 +150,7 @@ echo "=== setup took $(( $(date +%s) - T0 )) s"
 
 DATA=(model.name_or_path="$RUN/minilm" data.name_or_path="$CARRY/tweets.parquet"
       paths.sweeps_dir="$RUN/sweeps" paths.reports_dir="$RUN/reports")
+if [ "$MODE" = run ] || [ "$MODE" = all ]; then
 # (a) alone on the GPU, so its seconds per epoch are clean
 step rank 120 $PY -m lora_sweep +sweep=rank "${DATA[@]}" train.device=cuda
 # (b), (c) and the pytest GPU tests together: memory is per process, their times are not reported
@@ -226,28 +237,62 @@ s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True
 s.record(); [a @ b for _ in range(10)]; e.record(); torch.cuda.synchronize()
 print(f"gpu-peak: bf16 8192^3 matmul {2 * 8192**3 * 10 / (s.elapsed_time(e) / 1e3) / 1e12:.0f} TFLOP/s")
 EOF
+fi
+
+if [ "$MODE" = packing ] || [ "$MODE" = all ]; then
+# (f) the same 16 trials one at a time, then as many at once as auto packs on the GPU; nothing else runs.
+# Wall-clock seconds of the whole command (start-up included) are what trials/hour divides by.
+PACK=(+sweep=rank 'space.lora.r="choice(4,8,16,32)"' '+space.train.seed="choice(1,2,3,4)"' data.train_size=1000
+      data.eval_size=250 data.test_size=250 train.device=cuda tracking.log_artifacts=false "${DATA[@]}")
+step pack_one 240 $PY -m lora_sweep "${PACK[@]}" study.name=pack_one study.trials_per_gpu=1
+step pack_auto 150 $PY -m lora_sweep "${PACK[@]}" study.name=pack_auto study.trials_per_gpu=auto
+fi
 
 cp "$RUN"/reports/rank/report.md "$OUT/rank_report.md" 2>/dev/null
 cp "$RUN"/reports/rank/report.csv "$OUT/rank_report.csv" 2>/dev/null
 cp "$RUN"/reports/oom/report.csv "$OUT/oom_report.csv" 2>/dev/null
 cp "$RUN"/reports/workers_auto/report.csv "$OUT/workers_report.csv" 2>/dev/null
-find reports/bench -name bench.md -newer "$RUN/bench-start" -exec cp {} "$OUT/bench.md" \;  # written under ./reports
-$PY - "$RUN" "$OUT/summary.md" <<'EOF'
+[ -e "$RUN/bench-start" ] && find reports/bench -name bench.md -newer "$RUN/bench-start" -exec cp {} "$OUT/bench.md" \;  # written under ./reports
+$PY - "$RUN" "$OUT/summary.md" "$MODE" "$LOG" <<'EOF'
 import sys
 from pathlib import Path
 import pandas as pd
-run, out = Path(sys.argv[1]), Path(sys.argv[2])
+run, out, mode, log = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
 lines = ["# GPU acceptance summary", "", "| step | exit | seconds |", "|---|---:|---:|"]
 lines += [f"| {' | '.join(l.split())} |" for l in (run / "status.txt").read_text().splitlines()]
 cols = ["trial", "label", "status", "eval_accuracy", "peak_memory_mb", "memory_kind", "epoch_time_s",
         "memory_before_mb", "memory_after_mb", "worker", "device", "error"]
-for sweep in ("rank", "workers_auto", "oom"):
+for sweep in ("rank", "workers_auto", "oom") if mode in ("run", "all") else ():
     f = run / "reports" / sweep / "report.csv"
     if f.exists():
         df = pd.read_csv(f)
         lines += ["", f"## {sweep}", "", df[[c for c in cols if c in df]].to_markdown(index=False)]
     else:
         lines += ["", f"## {sweep}: no report.csv"]
+if mode in ("packing", "all"):  # (f): throughput of trials_per_gpu=1 against auto, and the memory model's error
+    seconds = {l.split()[0]: int(l.split()[2]) for l in (run / "status.txt").read_text().splitlines()}
+    lines += ["", "## (f) study.trials_per_gpu: 1 against auto", ""]
+    lines += [l.split("] ", 1)[-1] for l in log.read_text().splitlines() if "study.trials_per_gpu=auto:" in l]
+    rate, rows = {}, []
+    for sweep in ("pack_one", "pack_auto"):
+        f = run / "reports" / sweep / "report.csv"
+        df = pd.read_csv(f) if f.exists() else pd.DataFrame()
+        done = int((df["status"] == "complete").sum()) if "status" in df else 0
+        rate[sweep] = done * 3600 / seconds[sweep] if seconds.get(sweep) else 0.0
+        workers = df["worker"].nunique() if "worker" in df else 0
+        lines += [f"- {sweep}: {done} complete trial(s) in {seconds.get(sweep, '?')} s wall-clock (start-up "
+                  f"included) by {workers} worker process(es): {rate[sweep]:,.0f} trials/hour"]
+        if {"peak_memory_mb", "predicted_memory_mb"} <= set(df):
+            m = df[["trial", "label", "worker", "memory_kind", "peak_memory_mb", "predicted_memory_mb"]].copy()
+            m["predicted/peak"] = (m["predicted_memory_mb"] / m["peak_memory_mb"]).round(3)
+            rows.append(m.assign(sweep=sweep))
+    ratio = rate["pack_auto"] / rate["pack_one"] if rate["pack_one"] else float("nan")
+    lines += [f"- auto / 1: **{ratio:.2f}x** the trials per hour (target >= 3x): {'met' if ratio >= 3 else 'NOT met'}", ""]
+    if rows:
+        lines += ["Predicted against measured peak memory per trial (MB; measured: torch.cuda.max_memory_allocated):",
+                  "", pd.concat(rows).to_markdown(index=False)]
+    else:
+        lines += ["No report.csv with peak_memory_mb and predicted_memory_mb."]
 out.write_text("\n".join(lines) + "\n")
 print(out.read_text())
 EOF

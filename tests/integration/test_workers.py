@@ -4,11 +4,15 @@
 - 4 workers share a 12-point grid: exactly one complete trial per point, one MLflow parent.
 - SIGTERM mid-trial ends it cleanly; SIGKILL mid-trial leaves nothing stuck after a restart.
 - study.workers=2 on CPU: the launcher splits the cores and shares a journal file.
+- study.trials_per_gpu=2 on CPU: two trials at once, each computing exactly what a sequential run does.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import os
+import random
 import re
 import signal
 import subprocess
@@ -20,6 +24,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from lora_sweep.record import TrialRecord
 from services import SECRET, lora_sweep_cmd, pg_url, worker_env
 
 pytestmark = pytest.mark.slow
@@ -174,3 +179,99 @@ def test_cpu_workers_launcher_splits_cores_and_shares_a_journal(tmp_path):
     # The report reads the journal without being told where it is.
     report = (tmp_path / "reports" / "local" / "report.md").read_text()
     assert len(re.findall(r"^\| r=\d+ +\|", report, flags=re.M)) == 4  # the table's rows (not the test split's)
+
+
+
+# Loaded by each packed worker through PYTHONPATH: a trial waits, untimed, until both workers hold one,
+# so two trials do run at once (the second worker starts several seconds after the first, which
+# would otherwise train both points alone). Waiting changes no figure of a trial.
+BARRIER = """
+import importlib.abc, importlib.util, os, sys, time
+from pathlib import Path
+
+
+class Barrier(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "lora_sweep.trial.runner" or "LORA_SWEEP_WORKER" not in os.environ:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            train, here = module.run_trial, Path(os.environ["PACK_BARRIER"])
+
+            def run_trial(*args, **kwargs):
+                (here / os.environ["LORA_SWEEP_WORKER"]).touch()
+                deadline = time.monotonic() + 60
+                while len(list(here.iterdir())) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                return train(*args, **kwargs)
+
+            module.run_trial = run_trial
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, Barrier())
+"""
+
+
+def records(study: optuna.Study) -> dict[str, TrialRecord]:
+    """label -> record of each trial, all complete, none trained twice."""
+    rows = [TrialRecord.from_trial(t) for t in study.trials]
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * len(rows), [r.error for r in rows]
+    assert len({r.label for r in rows}) == len(rows), [r.label for r in rows]
+    return {r.label: r for r in rows}
+
+
+def test_packed_trials_equal_sequential_ones_on_cpu(tmp_path):
+    data = tmp_path / "sentiment.csv"  # learnable: the two ranks end at different losses
+    rng = random.Random(0)
+    words = (["bad", "awful", "sad", "hate", "poor"], ["good", "great", "happy", "love", "nice"])
+    with open(data, "w", newline="") as f:
+        csv.writer(f).writerows([["text", "label"], *([" ".join(rng.choices(words[i % 2], k=5)), "pn"[i % 2]]
+                                                      for i in range(64))])
+    args = ["+sweep=rank", 'space.lora.r="choice(2,4)"', f"data.name_or_path={data}", "data.encoding=null",
+            "data.label_column=label", "data.labels=null", "data.max_length=16", "train.per_device_train_batch_size=8",
+            "train.learning_rate=0.01", "train.mixed_precision=no", "train.save_adapter=false",
+            "tracking.log_artifacts=false"]
+    seq_dir, packed_dir, hook = tmp_path / "seq", tmp_path / "packed", tmp_path / "hook"
+    for folder in (seq_dir, packed_dir, hook / "barrier"):
+        folder.mkdir(parents=True)
+    (hook / "sitecustomize.py").write_text(BARRIER)
+    # Both at once, each in its own folder (two new sweeps creating one MLflow database collide): the
+    # sequential one at 1 thread (worker_env); the packed launcher without a thread count of its own,
+    # so the 1 thread its workers train at is what packing gave them.
+    seq, seq_out = start(seq_dir, "seq", *args, "study.name=seq")
+    packed_out = packed_dir / "packed.log"
+    path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
+    env = {k: v for k, v in worker_env(PYTHONPATH=path, PACK_BARRIER=str(hook / "barrier")).items()
+           if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    cores = set(sorted(os.sched_getaffinity(0))[:2])  # two cores at most: 1 thread per packed trial anywhere
+    packed = subprocess.Popen(lora_sweep_cmd(packed_dir, *args, "study.name=packed", "study.trials_per_gpu=2"),
+                              cwd=packed_dir, env=env, stdout=open(packed_out, "w"), stderr=subprocess.STDOUT,
+                              preexec_fn=lambda: os.sched_setaffinity(0, cores))
+    seq_log, text = finish(seq, seq_out), finish(packed, packed_out)
+
+    shared = "CPU cores " + ",".join(map(str, sorted(cores)))
+    assert f"Starting 2 workers on journal:///{packed_dir}/sweeps/packed/study.journal: w0: {shared} (trial slot " \
+           f"1/2, 1 thread); w1: {shared} (trial slot 2/2, 1 thread)" in text, text[-3000:]
+    for w in ("[w0]", "[w1]"):  # both worker processes trained, at 1 torch thread each
+        assert re.search(rf"{re.escape(w)} Device: CPU: .*, 1 threads of", text), text[-3000:]
+    assert re.search(r"Device: CPU: .*, 1 threads of", seq_log), seq_log[-3000:]
+
+    sequential = records(optuna.load_study(study_name="seq", storage=f"sqlite:///{seq_dir / 'sweeps/seq/study.db'}"))
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    journal = JournalStorage(JournalFileBackend(str(packed_dir / "sweeps/packed/study.journal")))
+    together = records(optuna.load_study(study_name="packed", storage=journal))
+    assert sorted(sequential) == sorted(together) == ["r=2", "r=4"]
+    assert len({r.worker for r in together.values()}) == 2 and packed.pid not in {
+        int(r.worker.rsplit(":", 1)[1]) for r in together.values()}  # one trial in each worker, none in the launcher
+    for label, one in sequential.items():
+        for name in ("eval_accuracy", "eval_loss", "train_loss", "peak_memory_mb", "predicted_memory_mb"):
+            assert getattr(together[label], name) == getattr(one, name), (label, name)
+    assert sequential["r=2"].eval_loss != sequential["r=4"].eval_loss  # the points differ: a swap would show

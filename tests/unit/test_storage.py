@@ -140,4 +140,4 @@ def test_worker_slots_pin_gpus_or_split_cores():
 def test_worker_args_replace_workers_and_storage():
     args = worker_args(["+sweep=rank", "study.workers=4", "study.storage=x", "train.seed=1"],
                        "journal:///tmp/s/study.journal")
-    assert args == ["+sweep=rank", "train.seed=1", "study.workers=1", "study.storage='journal:///tmp/s/study.journal'"]
+    assert args == ["+sweep=rank", "train.seed=1", "study.workers=1", "study.trials_per_gpu=1", "study.storage='journal:///tmp/s/study.journal'"]
