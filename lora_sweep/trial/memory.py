@@ -197,7 +197,11 @@ def _activations(model, settings, targets, batch, eval_batch, device: str, act: 
     cfg = model.config
     b, length = batch
     tokens, eval_tokens = b * length, eval_batch[0] * eval_batch[1]
-    h, layers, heads, ffn = cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size
+    h = _dim(cfg, "hidden_size", "d_model", "n_embd", "dim")
+    layers = _dim(cfg, "num_hidden_layers", "n_layer", "n_layers") or (
+        _dim(cfg, "num_layers") + (_dim(cfg, "num_decoder_layers") or 0))  # T5: encoder and decoder stacks
+    heads = _dim(cfg, "num_attention_heads", "num_heads", "n_head", "n_heads")
+    ffn = _dim(cfg, "intermediate_size", "d_ff", "n_inner", "hidden_dim") or 4 * h
     torch_dropout = device != "cpu" or not settings.train.fast_dropout  # keeps a one-byte mask per element
     kept = 0
     if layout == "encoder":
@@ -214,8 +218,8 @@ def _activations(model, settings, targets, batch, eval_batch, device: str, act: 
         eval_scores = eval_tokens * heads * eval_batch[1] * 4 if device == "cpu" else 0
         evaluation = 2 * max(eval_scores, eval_tokens * ffn * act) + 2 * eval_tokens * h * 4
     else:
-        kv = getattr(cfg, "num_key_value_heads", None) or heads
-        head_dim = getattr(cfg, "head_dim", None) or h // heads
+        kv = _dim(cfg, "num_key_value_heads") or heads
+        head_dim = _dim(cfg, "head_dim") or h // heads
         vocab = cfg.vocab_size
         per_layer = 2 * tokens * h * 4 + (2 * tokens * h + 2 * tokens * kv * head_dim) * act + 3 * tokens * ffn * act
         kept = layers * per_layer + tokens * h * 4 + tokens * vocab * 4  # final norm, log-softmax over the vocabulary
@@ -225,6 +229,15 @@ def _activations(model, settings, targets, batch, eval_batch, device: str, act: 
     widest = max((_features(model.get_submodule(m))[1] for m in targets.modules), default=0)
     evaluation += eval_tokens * widest * act  # an adapter's output, before it is added to its layer's
     return kept + transient, evaluation
+
+
+def _dim(cfg, *names) -> int:
+    """The first of these config attributes the model's config sets (families name their sizes differently)."""
+    for name in names:
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return 0
 
 
 def _features(module) -> tuple[int, int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -12,6 +14,8 @@ from lora_sweep.trial import adapters, chat, data, memory, models, retention
 from lora_sweep.trial.dropout import use_fast_dropout
 from lora_sweep.trial.metrics import MEMORY_KINDS, PeakMemory, release_memory
 from lora_sweep.trial.train import train
+
+log = logging.getLogger("lora_sweep")
 
 # What the report and the objective read from a finished trial (Optuna user attrs, MLflow metrics).
 RESULT_KEYS = ("eval_accuracy", "eval_loss", "eval_f1", "train_loss", "trainable_params", "total_params",
@@ -132,15 +136,32 @@ def prepare(settings: TrialSettings, device: str = "cpu") -> Prepared:
         shape = (settings.train.per_device_train_batch_size, settings.data.max_length)
         skeleton = models.meta_model(settings.model, labels_of(settings), settings.lora.task_type)
         targets = adapters.resolve_targets(settings.lora.target_modules, skeleton)
-        return Prepared(settings, task, memory=memory.predict(
+        return Prepared(settings, task, memory=predict_memory(
             skeleton, settings, targets, shape, (settings.train.per_device_eval_batch_size, shape[1]), device, precision))
     base = models.load_base(settings.model, labels_of(settings), settings.train.seed, settings.lora.task_type)
     settings = replace(settings, lora=adapters.apply_budget(settings.lora, base.model))  # r within lora.param_budget
     splits = data.tokenized(settings.data, base.tokenizer, tokenizer_key=settings.model.name_or_path, task=task)
     targets = adapters.resolve_targets(settings.lora.target_modules, base.model)
-    predicted = memory.predict(base.model, settings, targets, batch_shape(splits.train, settings.train.per_device_train_batch_size),
+    predicted = predict_memory(base.model, settings, targets,
+                               batch_shape(splits.train, settings.train.per_device_train_batch_size),
                                batch_shape(splits.eval, settings.train.per_device_eval_batch_size), device, precision)
     return Prepared(settings, task, base, splits, targets.names, predicted)
+
+
+def predict_memory(model, settings: TrialSettings, targets, batch, eval_batch, device: str, precision: str):
+    """memory.predict, or None (logged once) for a model whose config the memory model cannot read: a trial
+    never fails for want of a prediction."""
+    try:
+        return memory.predict(model, settings, targets, batch, eval_batch, device, precision)
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError) as e:
+        _warn_unpredicted(type(model).__name__, f"{type(e).__name__}: {e}")
+        return None
+
+
+@functools.cache  # once a process per architecture
+def _warn_unpredicted(kind: str, why: str) -> None:
+    log.warning("No memory prediction for %s (%s): its trials record none and train.memory_limit_mb is not "
+                "applied to them", kind, why)
 
 
 def batch_shape(dataset, size: int) -> tuple[int, int]:
@@ -151,7 +172,8 @@ def batch_shape(dataset, size: int) -> tuple[int, int]:
 
 def largest_prediction(settings: list[TrialSettings], device: str) -> float:
     """MB: the largest predicted peak over these trials' settings (a space's corner points)."""
-    return max(prepare(s, device).memory.peak_mb for s in settings)
+    return max((ready.memory.peak_mb for s in settings if (ready := prepare(s, device)).memory is not None),
+               default=0.0)
 
 
 def run_trial(settings: TrialSettings | Prepared, device: str, on_epoch: Callable[[int, dict], None],
