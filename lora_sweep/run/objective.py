@@ -85,7 +85,7 @@ class Objective:
         point = with_budget(point, ready)
         run = self._start(trial, point, ready)
         try:
-            self._check_memory(trial, ready)
+            self._check_memory(trial, run, ready)
             result = self._train(trial, point, run, ready)
         except optuna.TrialPruned as e:
             self._pruned(trial, run, e)
@@ -133,14 +133,17 @@ class Objective:
                  point.settings.lora.lora_dropout, point.settings.lora.bias)
         return run
 
-    def _check_memory(self, trial: optuna.Trial, ready: Prepared) -> None:
+    def _check_memory(self, trial: optuna.Trial, run: "_Run", ready: Prepared) -> None:
         """Infeasible: its predicted peak exceeds what it may use (train.memory_limit_mb, or the free CUDA
         memory); recorded with both figures and pruned before any step, so a resumed grid skips it too."""
         limit, source = memory_limit(ready.settings.train.memory_limit_mb, self.device)
+        if ready.memory is not None:  # beside the measured figure in the run's metrics, trained or not
+            self.tracker.log_metrics(run.run_id, {"predicted_memory_mb": ready.memory.peak_mb}, step=0)
         if limit is None or ready.memory is None or ready.memory.peak_mb <= limit:
             return
         reason = f"predicted {ready.memory.peak_mb:,.0f} MB > {limit:,.0f} MB allowed ({source})"
         record.write(trial, infeasible=reason, memory_limit_mb=round(limit, 1))
+        self.tracker.log_metrics(run.run_id, {"memory_limit_mb": limit}, step=0)
         raise optuna.TrialPruned(f"infeasible, not trained: {reason}")
 
     def _on_epoch(self, trial: optuna.Trial, run: "_Run", step: int, metrics: dict) -> None:

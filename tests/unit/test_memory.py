@@ -111,6 +111,15 @@ def test_a_cap_below_a_prediction_prunes_that_trial_before_any_step_and_resuming
     assert not capped.intermediate_values and "epochs" not in capped.user_attrs  # not one step, not one eval
     assert "peak_memory_mb" not in capped.user_attrs
     assert "infeasible" in (config.report_dir / "report.md").read_text()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    runs = {r.data.tags.get("optuna_trial_number"): r for r in client.search_runs(
+        [client.get_experiment_by_name(config.experiment_name).experiment_id]) if "mlflow.parentRunId" in r.data.tags}
+    shown = runs[str(capped.number)]  # in MLflow too: pruned, why, and both figures
+    assert shown.data.tags["status"] == "pruned" and "infeasible" in shown.data.tags["reason"]
+    assert shown.data.metrics["predicted_memory_mb"] == pytest.approx(large)
+    assert shown.data.metrics["memory_limit_mb"] == pytest.approx((small + large) / 2)
 
     again = run_sweep(config)  # resumed: the grid is done, the infeasible point is not re-run
     assert len(again.trials) == 2
