@@ -7,7 +7,8 @@ language model with random weights (4 layers, hidden 256, 8 heads, 4 key/value h
 Each row puts the trial's own prediction (lora_sweep.trial.memory.predict) beside the trial's own
 measurement on a CPU (measure: live tensor bytes over one AdamW step at the training batch, then over one
 forward pass at the eval batch of 64 with the optimizer's state still held), on a model built as a trial builds it
-(peft's LoRA, fast dropout). Batches are full length (random token ids, no padding).
+(peft's LoRA, fast dropout). Batches are full length (random token ids, no padding). fp32 over the whole grid; bf16 autocast (the
+CPU's mixed precision where a machine picks it) over a corner subset.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ BATCHES = (8, 32)
 LENGTHS = (32, 128)
 TARGETS = ("qv", "all-linear")
 EVAL_BATCH = 64
+HALF = {"ranks": (4, 64), "batches": (8, 32), "lengths": (128,)}  # bf16 autocast: a corner subset (emulated, slow)
 
 
 def families() -> dict:
@@ -53,18 +55,19 @@ def batch(b: int, length: int, task_type: str, vocab: int) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def row(family: str, base, task_type: str, model_config, vocab: int, targets: str, r: int, b: int, length: int) -> dict:
+def row(family: str, base, task_type: str, model_config, vocab: int, targets: str, r: int, b: int, length: int,
+        precision: str = "fp32") -> dict:
     lora = LoraSettings(r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.1, task_type=task_type)
     settings = TrialSettings(model_config, None, lora, TrainConfig(per_device_train_batch_size=b))
     resolved = adapters.resolve_targets(targets, base)
-    predicted = memory.predict(base, settings, resolved, (b, length), (EVAL_BATCH, length), "cpu")
+    predicted = memory.predict(base, settings, resolved, (b, length), (EVAL_BATCH, length), "cpu", precision)
     model, _ = adapters.apply_lora(copy.deepcopy(base), lora)
     use_fast_dropout(model, attention=True)
     model.train()
     t0 = time.perf_counter()
-    step, evaluation = memory.measure(model, batch(b, length, task_type, vocab),
-                                      batch(EVAL_BATCH, length, task_type, vocab))
-    return {"family": family, "targets": targets, "r": r, "batch": b, "length": length,
+    step, evaluation = memory.measure(model, batch(b, length, task_type, vocab), batch(EVAL_BATCH, length, task_type, vocab),
+                                      autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
+    return {"family": family, "precision": precision, "targets": targets, "r": r, "batch": b, "length": length,
             "predicted_step_mb": predicted.step_mb, "measured_step_mb": step,
             "predicted_eval_mb": predicted.eval_peak_mb, "measured_eval_mb": evaluation,
             "predicted_mb": predicted.peak_mb, "measured_mb": max(step, evaluation),
@@ -74,8 +77,10 @@ def row(family: str, base, task_type: str, model_config, vocab: int, targets: st
 def run(out: Path | None) -> pd.DataFrame:
     rows = []
     for family, (base, task_type, model_config, vocab) in families().items():
-        for targets, r, b, length in itertools.product(TARGETS, RANKS, BATCHES, LENGTHS):
-            rows.append(row(family, base, task_type, model_config, vocab, targets, r, b, length))
+        grid = [(*point, "fp32") for point in itertools.product(TARGETS, RANKS, BATCHES, LENGTHS)]
+        grid += [(*point, "bf16") for point in itertools.product(TARGETS, HALF["ranks"], HALF["batches"], HALF["lengths"])]
+        for targets, r, b, length, precision in grid:
+            rows.append(row(family, base, task_type, model_config, vocab, targets, r, b, length, precision))
             print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()),
                   flush=True)
     frame = pd.DataFrame(rows)
@@ -92,19 +97,19 @@ def run(out: Path | None) -> pd.DataFrame:
 
 def summary(frame: pd.DataFrame) -> str:
     lines = []
-    for family, part in frame.groupby("family", sort=False):
+    for (family, precision), part in frame.groupby(["family", "precision"], sort=False):
         for key, name in (("ratio_step", "training step"), ("ratio_eval", "eval batch"), ("ratio", "peak")):
-            lines.append(f"{family}, {name}: predicted/measured {part[key].min():.3f} to {part[key].max():.3f} "
+            lines.append(f"{family}, {precision}, {name}: predicted/measured {part[key].min():.3f} to {part[key].max():.3f} "
                          f"over {len(part)} shapes; worst error {100 * (part[key] - 1).abs().max():.1f}%")
     return "\n".join(lines)
 
 
 def markdown(frame: pd.DataFrame) -> str:
-    head = ("| Family | Targets | r | Batch | Length | Step: predicted (MB) | Step: measured (MB) | Eval: predicted (MB) "
+    head = ("| Family | Precision | Targets | r | Batch | Length | Step: predicted (MB) | Step: measured (MB) | Eval: predicted (MB) "
             "| Eval: measured (MB) | Peak: predicted / measured |")
-    lines = [head, "|" + "|".join(["---"] * 10) + "|"]
+    lines = [head, "|" + "|".join(["---"] * 11) + "|"]
     for _, r in frame.iterrows():
-        lines.append(f"| {r.family} | {r.targets} | {r.r} | {r.batch} | {r.length} | {r.predicted_step_mb:,.1f} | "
+        lines.append(f"| {r.family} | {r.precision} | {r.targets} | {r.r} | {r.batch} | {r.length} | {r.predicted_step_mb:,.1f} | "
                      f"{r.measured_step_mb:,.1f} | {r.predicted_eval_mb:,.1f} | {r.measured_eval_mb:,.1f} | "
                      f"{r.ratio:.3f} |")
     return "\n".join([*lines, "", summary(frame), ""])

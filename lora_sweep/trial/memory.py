@@ -63,12 +63,12 @@ class LiveTensors(TorchDispatchMode):
 
 
 def measure(model, batch: dict, eval_batch: dict | None = None, learning_rate: float = 1e-3,
-            weight_decay: float = 0.0) -> tuple[float, float]:
+            weight_decay: float = 0.0, autocast_dtype: torch.dtype | None = None) -> tuple[float, float]:
     """MB: (the peak of live tensor bytes over one AdamW step of `model` (a peft model) on `batch`, and
     over one evaluation forward pass on `eval_batch` right after it, 0 without one), with the
     optimizer's moments there as in every step after the first. Trainable weights, gradients, the
     training mode and every random generator are restored afterwards: the trial trains as if this had
-    not run."""
+    not run. autocast_dtype: the half precision the Trainer's forward passes run in (mixed precision)."""
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.detach().clone() for p in params]
     was_training = model.training
@@ -82,7 +82,7 @@ def measure(model, batch: dict, eval_batch: dict | None = None, learning_rate: f
         optimizer.step()
         model.zero_grad(set_to_none=True)
         step = _tracking(model, batch, optimizer)
-        with step:
+        with step, _autocast(on, autocast_dtype):
             loss = model(**batch).loss
             loss.backward()
             optimizer.step()
@@ -91,7 +91,7 @@ def measure(model, batch: dict, eval_batch: dict | None = None, learning_rate: f
         if eval_batch is not None:  # the Trainer evaluates with the optimizer's state still held
             model.eval()
             evaluation = _tracking(model, eval_batch, optimizer)
-            with torch.no_grad(), evaluation:
+            with torch.no_grad(), evaluation, _autocast(on, autocast_dtype):
                 out = model(**eval_batch)
                 del out
     with torch.no_grad():
@@ -100,6 +100,10 @@ def measure(model, batch: dict, eval_batch: dict | None = None, learning_rate: f
     model.train(was_training)
     del optimizer
     return step.peak / MB, evaluation.peak / MB
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def _tracking(model, batch: dict, optimizer) -> LiveTensors:
@@ -208,7 +212,7 @@ def _activations(model, settings, targets, batch, eval_batch, device: str, act: 
         p_attn = float(getattr(cfg, "attention_probs_dropout_prob", 0.0) or 0.0)
         if device == "cpu":  # eager attention: the probabilities (and their dropped copy) are kept
             scores = tokens * heads * length
-            attention = scores * 4 * (1 + (p_attn > 0)) + (scores if p_attn > 0 and torch_dropout else 0)
+            attention = scores * act * (1 + (p_attn > 0)) + (scores if p_attn > 0 and torch_dropout else 0)
             transient = 2 * scores * 4
         else:  # SDPA's fused kernels keep the output and a log-sum-exp per query instead
             attention = tokens * h * act + tokens * heads * 4
@@ -225,6 +229,7 @@ def _activations(model, settings, targets, batch, eval_batch, device: str, act: 
         kept = layers * per_layer + tokens * h * 4 + tokens * vocab * 4  # final norm, log-softmax over the vocabulary
         transient = 2 * tokens * vocab * 4                                # its gradient and the logits'
         evaluation = 2 * eval_tokens * vocab * 4 + 2 * eval_tokens * ffn * act
+        evaluation += eval_tokens * vocab * act if act != 4 else 0  # half-precision logits beside their fp32 copy
     kept += _lora_kept(model, settings.lora, targets.modules, tokens, act, torch_dropout)
     widest = max((_features(model.get_submodule(m))[1] for m in targets.modules), default=0)
     evaluation += eval_tokens * widest * act  # an adapter's output, before it is added to its layer's

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from lora_sweep.config import TrialSettings
 from lora_sweep.trial import adapters, chat, data, memory, models, retention
 from lora_sweep.trial.dropout import use_fast_dropout
@@ -262,8 +264,11 @@ def measured_peak(peft_model, splits: data.Splits, task, tokenizer, settings: Tr
     collate = task.collator(tokenizer)
     train_batch = memory.largest_batch(splits.train, collate, settings.train.per_device_train_batch_size)
     eval_batch = memory.largest_batch(splits.eval, collate, settings.train.per_device_eval_batch_size)
+    from lora_sweep.trial.train import precision_name
+
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision_name(settings.train, "cpu"))
     return max(memory.measure(peft_model, train_batch, eval_batch, settings.train.learning_rate,
-                              settings.train.weight_decay))
+                              settings.train.weight_decay, autocast_dtype=half))
 
 
 def held_out_figures(frame, shape: str, labels: tuple, seconds: float) -> dict:
