@@ -219,7 +219,7 @@ def _activations(model, settings, targets, batch, eval_batch, device: str, act: 
             transient = 2 * tokens * ffn * act
         per_layer = 3 * tokens * h * act + tokens * ffn * act + 2 * tokens * h * 4 + attention
         kept = layers * per_layer + tokens * h * 4  # + the embeddings' norm input
-        eval_scores = eval_tokens * heads * eval_batch[1] * 4 if device == "cpu" else 0
+        eval_scores = eval_tokens * heads * eval_batch[1] * act if device == "cpu" else 0
         evaluation = 2 * max(eval_scores, eval_tokens * ffn * act) + 2 * eval_tokens * h * 4
     else:
         kv = _dim(cfg, "num_key_value_heads") or heads
@@ -232,7 +232,8 @@ def _activations(model, settings, targets, batch, eval_batch, device: str, act: 
         evaluation += eval_tokens * vocab * act if act != 4 else 0  # half-precision logits beside their fp32 copy
     kept += _lora_kept(model, settings.lora, targets.modules, tokens, act, torch_dropout)
     widest = max((_features(model.get_submodule(m))[1] for m in targets.modules), default=0)
-    evaluation += eval_tokens * widest * act  # an adapter's output, before it is added to its layer's
+    # an adapter's output before it is added to its layer's (under autocast also in the layer's dtype)
+    evaluation += eval_tokens * widest * act * (1 if act == 4 else 2)
     return kept + transient, evaluation
 
 
