@@ -101,9 +101,9 @@ _CHAT_NOTES = ["Exact match: share of eval examples (the first data.generate_siz
 _MEMORY_NOTES = {
     "cuda_max_allocated": "peak CUDA memory allocated by torch during the trial (counters reset per trial)",
     "cpu_peak_live_tensors_one_step": "the most tensor bytes alive at once over one training step at the trial's "
-    "largest batch shape (weights, adapter, gradients, optimizer state, activations), counted op by op, outside "
-    "the timed epoch (report.csv's peak_rss_mb holds the process's resident-memory peak above the trial's start, "
-    "sampled every 10 ms)",
+    "largest batch shape, then one eval pass at its largest eval batch (weights, adapter, gradients, optimizer "
+    "state, activations), counted op by op, outside the timed epoch (report.csv's peak_rss_mb holds the "
+    "process's resident-memory peak above the trial's start, sampled every 10 ms)",
     "cpu_peak_rss_above_trial_start_sampled": "peak resident memory of the process above its size at the "
     "trial's start (model copy, adapter, optimizer state, activations), sampled every 10 ms",
 }
