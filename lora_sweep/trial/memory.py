@@ -196,8 +196,6 @@ def _trained_biases(model, bias: str, modules: tuple) -> int:
 
 def _activations(model, settings, targets, batch, eval_batch, device: str, act: int, layout: str) -> tuple[int, int]:
     """Bytes kept for backward (plus backward's own largest transient), and the eval forward's transient."""
-    from lora_sweep.trial import adapters
-
     cfg = model.config
     b, length = batch
     tokens, eval_tokens = b * length, eval_batch[0] * eval_batch[1]
